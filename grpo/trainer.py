@@ -1,0 +1,171 @@
+"""A GRPO training loop that reads top to bottom: sample groups, score, normalise, update.
+
+Hand-written rather than TRL's GRPOTrainer because TRL's trainer generates single-turn completions;
+our episodes are multi-turn conversations with a scripted user in between, and the loss must touch
+only the tokens the policy sampled across all of its turns.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+
+from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs
+from grpo.rollout import ConversationEnvironment, Trajectory
+from grpo.scenarios import Scenario
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 16                 # optimisation steps (one generation round each)
+    scenarios_per_step: int = 4     # groups per step
+    group_size: int = 4             # completions per scenario
+    learning_rate: float = 2e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    beta: float = 0.04              # k3 KL weight; 0 skips the reference forward entirely
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    loss_type: str = "grpo"         # grpo | bnpo | dr_grpo | dapo
+    scale_rewards: str = "group"    # group | batch | none
+    num_iterations: int = 1         # updates per generation round
+    micro_batch_size: int = 8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: dict) -> "GRPOConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise KeyError(f"train_policy: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**params)
+
+
+def add_lora(model, cfg: GRPOConfig):
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and loss mask (aligned with logprobs, i.e. shifted by one)."""
+    width = max(len(t.input_ids) for t in trajs)
+    ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    for i, t in enumerate(trajs):
+        n = len(t.input_ids)
+        ids[i, :n] = torch.tensor(t.input_ids)
+        attn[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(t.assistant_mask)
+    return ids.to(device), attn.to(device), loss_mask[:, 1:].to(device)
+
+
+def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env: ConversationEnvironment,
+          cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None):
+    """Train LoRA adapters on ``model`` with GRPO. ``reward_fn(conversations, scenario)`` returns
+    ``(totals, raw_components)`` for one group. Returns ``(peft_model, history)``."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = add_lora(model, cfg)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    order = list(range(len(scenarios)))
+    history, skipped = [], 0
+    bar = tqdm(range(cfg.steps), desc="GRPO", unit="step")
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1. sample groups: scenarios cycle in a seeded shuffled order
+        if len(order) < cfg.scenarios_per_step:
+            order += random.sample(range(len(scenarios)), len(scenarios))
+        batch = [scenarios[order.pop(0)] for _ in range(cfg.scenarios_per_step)]
+        trajs = env.rollout(model, batch, cfg.group_size)
+        gen_stats = dict(env.stats)
+
+        # 2. score each group, 3. group-relative advantages
+        totals, comps = [], {}
+        for g, scen in enumerate(batch):
+            group = trajs[g * cfg.group_size:(g + 1) * cfg.group_size]
+            total, raw = reward_fn([t.messages for t in group], scen)
+            totals.append(torch.as_tensor(total, dtype=torch.float32))
+            for k, v in raw.items():
+                comps.setdefault(k, []).extend(np.asarray(v).tolist())
+        rewards = torch.cat(totals)
+        adv, zero_groups = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
+
+        # 4. old-policy and reference log-probs, then the clipped-surrogate updates
+        model.train()
+        micro = [list(range(i, min(i + cfg.micro_batch_size, len(trajs)))) for i in range(0, len(trajs), cfg.micro_batch_size)]
+        padded = [pad_batch([trajs[i] for i in idx], tokenizer.pad_token_id, device) for idx in micro]
+        n_tokens = sum(int(p[2].sum()) for p in padded)
+        old, ref = [], []
+        with torch.no_grad():
+            for ids, attn, _ in padded:
+                old.append(token_logprobs(model, ids, attn) if cfg.num_iterations > 1 else None)
+                if cfg.beta > 0:
+                    with model.disable_adapter():
+                        ref.append(token_logprobs(model, ids, attn))
+                else:
+                    ref.append(None)
+        t_upd = time.perf_counter()
+        stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0}
+        for _ in range(cfg.num_iterations):
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for (ids, attn, mask), idx, o, r in zip(padded, micro, old, ref):
+                logp = token_logprobs(model, ids, attn)
+                old_logp = o if o is not None else logp.detach()
+                loss_tok, kl, lo, hi = per_token_loss(logp, old_logp, adv[idx].to(device), cfg.epsilon,
+                                                      cfg.epsilon_high, r, cfg.beta)
+                loss = aggregate(loss_tok, mask, cfg.loss_type, len(trajs), n_tokens, env.max_new_tokens * env.max_turns)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
+                loss.backward()
+                step_loss += loss.item()
+                m = mask.bool()
+                stats["kl"] += (kl[m].sum().item() if kl is not None else 0.0) / n_tokens / cfg.num_iterations
+                stats["clip_low"] += lo[m].sum().item() / n_tokens / cfg.num_iterations
+                stats["clip_high"] += hi[m].sum().item() / n_tokens / cfg.num_iterations
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if not math.isfinite(float(grad_norm)):
+                skipped += 1  # counted and reported, never applied
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+            stats["loss"] += step_loss / cfg.num_iterations
+        update_s = time.perf_counter() - t_upd
+
+        row = {
+            "step": step + 1,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            **{f"reward/{k}": float(np.mean(v)) for k, v in comps.items()},
+            "advantage_std": float(adv.std()),
+            "zero_std_group_frac": zero_groups / len(batch),
+            "completion_length": sum(sum(t.assistant_mask) for t in trajs) / len(trajs),
+            "truncated_turn_frac": sum(t.truncated_turns for t in trajs) / max(1, sum(t.turns for t in trajs)),
+            "grad_norm": float(grad_norm),
+            "skipped_steps": skipped,
+            "gen_tokens_per_s": gen_stats["gen_tokens_per_s"],
+            "update_tokens_per_s": n_tokens * cfg.num_iterations / max(update_s, 1e-9),
+            "step_seconds": time.perf_counter() - t0,
+            **stats,
+        }
+        history.append(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
+        if on_step:
+            on_step(step + 1, row)
+    return model, history
+
+
+def config_dict(cfg: GRPOConfig) -> dict:
+    return asdict(cfg)

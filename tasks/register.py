@@ -1,0 +1,96 @@
+"""Stage 7, register: log the trained policy to the MLflow registry and gate promotion.
+
+Every new version gets the alias ``challenger``. ``champion`` moves to it only when no champion
+exists or its evaluated `register.metric` beats the champion's by more than
+`register.min_improvement`. The decision and the lineage (git commit, DVC output hashes, params
+file) are written as tags on the version. Writes `paths.metrics`/register.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from grpo.io import read_json, write_json
+from tasks.common import PARAMS_FILE, cli, stage_run
+
+REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "pandas", "mlflow")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """md5 of every DVC output recorded in dvc.lock, keyed ``dvc.<stage>.<path>``."""
+    if not lock.exists():
+        return {}
+    stages = yaml.safe_load(lock.read_text()).get("stages", {})
+    return {f"dvc.{s}.{o['path']}": o.get("md5", "") for s, st in stages.items() for o in st.get("outs", [])}
+
+
+def run(params: dict) -> dict:
+    paths, p = params["paths"], params["register"]
+    name, metric = p["model_name"], p["metric"]
+    evaluation = read_json(f"{paths['metrics']}/eval.json")
+    score = float(evaluation["trained"][metric])
+    with stage_run("register", params, ("register",)) as (mlflow, run):
+        client = mlflow.MlflowClient()
+        info = mlflow.pyfunc.log_model(
+            name="agent",
+            python_model=str(Path(__file__).with_name("agent_pyfunc.py")),
+            artifacts={"policy": paths["policy"]},
+            code_paths=["grpo"],
+            model_config={"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "device": params["device"]},
+            input_example=pd.DataFrame({"messages": [[{"role": "user", "content": "Where is my order?"}]]}),
+            pip_requirements=[f"{r}=={md.version(r)}" for r in REQUIREMENTS],
+            registered_model_name=name,
+        )
+        version = str(info.registered_model_version)
+        mlflow.log_artifact(str(PARAMS_FILE))
+        champion = None
+        try:
+            champion = client.get_model_version_by_alias(name, "champion")
+        except mlflow.exceptions.MlflowException:
+            pass
+        champ_score = float(champion.tags[f"eval.{metric}"]) if champion else None
+        promote = champion is None or score > champ_score + p["min_improvement"]
+        reason = ("no champion yet" if champion is None else
+                  f"{metric} {score:.4f} vs champion v{champion.version} {champ_score:.4f}, margin {p['min_improvement']}")
+        tags = {
+            f"eval.{metric}": score,
+            "eval.base_reward_mean": evaluation["base"]["reward_mean"],
+            "eval.diff_ci_low": evaluation["difference"]["ci_low"],
+            "eval.diff_ci_high": evaluation["difference"]["ci_high"],
+            "git_commit": git_commit(),
+            "params_sha256": hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest(),
+            "mlflow_run_id": run.info.run_id,
+            "promotion.decision": "promoted" if promote else "refused",
+            "promotion.reason": reason,
+            "promotion.by": "register stage (automatic gate)",
+            **dvc_hashes(),
+        }
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, str(v))
+        client.set_registered_model_alias(name, "challenger", version)
+        if promote:
+            if champion is not None:
+                client.set_model_version_tag(name, champion.version, "previous_champion", "true")
+            client.set_registered_model_alias(name, "champion", version)
+        result = {"model_name": name, "version": int(version), "aliases": ["challenger"] + (["champion"] if promote else []),
+                  "promoted": promote, "reason": reason, metric: score}
+        mlflow.log_dict(result, "register.json")
+    write_json(f"{paths['metrics']}/register.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    cli(run)

@@ -1,0 +1,53 @@
+"""Stage 5, train_policy: GRPO with LoRA on the base policy over multi-turn scenario episodes.
+
+Reads the base model, the prepared train set, the reward model and the calibration; writes the
+merged policy to `paths.policy`, `paths.metrics`/train.json and the per-step curve
+`paths.plots`/train.csv. The reference policy is the base with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from grpo import scenarios as S
+from grpo.io import atomic_path, write_json
+from grpo.models import load_causal_lm, load_tokenizer, pick_device
+from grpo.rollout import ConversationEnvironment
+from grpo.trainer import GRPOConfig, train
+from tasks.common import cli, load_reward, log_metrics, stage_run
+
+
+def run(params: dict) -> dict:
+    paths = params["paths"]
+    cfg = GRPOConfig.from_params({**params["train_policy"], "seed": params["seed"]})
+    with stage_run("train_policy", params, ("train_policy", "rollout", "reward", "seed")) as (mlflow, _):
+        scenarios = S.from_frame(pd.read_parquet(f"{paths['prepared']}/train.parquet"))
+        tok = load_tokenizer(paths["base_model"])
+        model = load_causal_lm(paths["base_model"], pick_device(params["device"]))
+        env = ConversationEnvironment(tok, **params["rollout"])
+        reward = load_reward(params)
+        model, history = train(model, tok, scenarios, reward, env, cfg,
+                               on_step=lambda step, row: log_metrics(mlflow, row, step))
+        merged = model.merge_and_unload()
+        with atomic_path(paths["policy"], is_dir=True) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        with atomic_path(f"{paths['plots']}/train.csv") as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
+        k = max(1, len(history) // 4)
+        summary = {
+            "steps": len(history),
+            "reward_first_quarter": sum(r["reward_mean"] for r in history[:k]) / k,
+            "reward_last_quarter": sum(r["reward_mean"] for r in history[-k:]) / k,
+            "kl_last": history[-1]["kl"],
+            "skipped_steps": history[-1]["skipped_steps"],
+            "seconds_per_step": sum(r["step_seconds"] for r in history) / len(history),
+        }
+        write_json(f"{paths['metrics']}/train.json", summary)
+        log_metrics(mlflow, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    cli(run)
