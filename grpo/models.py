@@ -10,6 +10,7 @@ A model is named by one string (a "spec"):
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from pathlib import Path
@@ -69,9 +70,12 @@ def load_causal_lm(spec: str, device: str | torch.device = "cpu", dtype: torch.d
     source, gguf = resolve_spec(spec)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=dtype)
     if gguf:
-        # A GGUF-loaded model keeps references to the dequantised buffers and cannot be saved
-        # as-is; a plain copy built from its config can.
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+        # A GGUF-loaded model is marked as quantised and cannot be saved as-is; a plain copy built
+        # from its config, without the quantisation entry, can.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
         plain.load_state_dict(model.state_dict())
         plain.generation_config = model.generation_config
         model = plain

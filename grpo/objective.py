@@ -31,10 +31,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return adv.reshape(-1), int(zero.sum())
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each token given its prefix; shape (B, T-1), aligned to ``input_ids[:, 1:]``."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return -F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """Log-probability of each token from position ``start`` on, given its prefix; shape
+    (B, T-start), aligned to ``input_ids[:, start:]``. Logits (the vocabulary projection is a
+    fifth of the model's compute) are computed only for the positions that predict those tokens."""
+    keep = input_ids.shape[1] - start + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    return -F.cross_entropy(logits.transpose(1, 2), input_ids[:, start:], reduction="none")
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

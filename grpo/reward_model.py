@@ -29,6 +29,8 @@ class RewardModel:
         self.encoder = encoder
         self.head = head
         self.max_tokens = max_tokens
+        # The head is trained on standardised targets, so an untrained head predicts the mean.
+        self.target_mean, self.target_std = 0.0, 1.0
 
     @classmethod
     def create(cls, encoder_spec: str, hidden: int = 128, max_tokens: int = 256, seed: int = 0, device: str = "cpu"):
@@ -36,6 +38,8 @@ class RewardModel:
         torch.manual_seed(seed)
         dim = encoder.get_embedding_dimension()
         head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(head[2].weight)  # start from "predict the mean"
+        nn.init.zeros_(head[2].bias)
         return cls(encoder, head, max_tokens)
 
     def text(self, conversation: list[dict]) -> str:
@@ -55,13 +59,18 @@ class RewardModel:
         return self.encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).cpu()
 
     @torch.no_grad()
-    def predict(self, conversations: list[list[dict]]) -> np.ndarray:
+    def score_embeddings(self, x: torch.Tensor) -> np.ndarray:
         self.head.eval()
-        return self.head(self.embed(conversations)).squeeze(1).numpy()
+        return (self.head(x).squeeze(1) * self.target_std + self.target_mean).numpy()
+
+    def predict(self, conversations: list[list[dict]]) -> np.ndarray:
+        return self.score_embeddings(self.embed(conversations))
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
             epochs: int = 300, lr: float = 1e-3, patience: int = 30, weight_decay: float = 1e-4) -> dict:
         """Train the head on frozen encoder embeddings with early stopping on validation MSE."""
+        self.target_mean, self.target_std = float(y.mean()), float(max(y.std(), 1e-6))
+        y, y_val = (y - self.target_mean) / self.target_std, (y_val - self.target_mean) / self.target_std
         opt = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=weight_decay)
         best, best_state, since = float("inf"), None, 0
         for epoch in range(epochs):
@@ -82,14 +91,15 @@ class RewardModel:
                 if since >= patience:
                     break
         self.head.load_state_dict(best_state)
-        return {"epochs_run": epoch + 1, "best_val_mse": best}
+        return {"epochs_run": epoch + 1, "best_val_mse": best * self.target_std ** 2}
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         self.encoder.save(str(out / "encoder"))
         torch.save(self.head.state_dict(), out / "head.pt")
         hidden = self.head[0].out_features
-        (out / "reward_model.json").write_text(json.dumps({"hidden": hidden, "max_tokens": self.max_tokens}))
+        (out / "reward_model.json").write_text(json.dumps({"hidden": hidden, "max_tokens": self.max_tokens,
+                                                           "target_mean": self.target_mean, "target_std": self.target_std}))
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu") -> "RewardModel":
@@ -97,6 +107,7 @@ class RewardModel:
         meta = json.loads((d / "reward_model.json").read_text())
         rm = cls.create(str(d / "encoder"), meta["hidden"], meta["max_tokens"], device=device)
         rm.head.load_state_dict(torch.load(d / "head.pt", map_location="cpu"))
+        rm.target_mean, rm.target_std = meta["target_mean"], meta["target_std"]
         return rm
 
 

@@ -144,9 +144,12 @@ def rollout_in_chunks(env: ConversationEnvironment, model, scenarios: list[Scena
     from tqdm.auto import tqdm
 
     out: list[Trajectory] = []
+    tokens = seconds = 0.0
     for i in tqdm(range(0, len(scenarios), chunk), desc=desc, unit="batch"):
         part = env.rollout(model, scenarios[i:i + chunk], group_size, do_sample)
+        tokens, seconds = tokens + env.stats["gen_tokens"], seconds + env.stats["gen_seconds"]
         for t in part:
             t.group += i
         out += part
+    env.stats = {"gen_tokens": tokens, "gen_seconds": seconds, "gen_tokens_per_s": tokens / max(seconds, 1e-9)}
     return out

@@ -56,8 +56,9 @@ def add_lora(model, cfg: GRPOConfig):
     return get_peft_model(model, lora)
 
 
-def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and loss mask (aligned with logprobs, i.e. shifted by one)."""
+def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Right-padded ids, attention mask, the first position any row's loss touches (``start``) and
+    the loss mask aligned with ``token_logprobs(..., start)``, i.e. with ``ids[:, start:]``."""
     width = max(len(t.input_ids) for t in trajs)
     ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -67,7 +68,8 @@ def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tenso
         ids[i, :n] = torch.tensor(t.input_ids)
         attn[i, :n] = 1
         loss_mask[i, :n] = torch.tensor(t.assistant_mask)
-    return ids.to(device), attn.to(device), loss_mask[:, 1:].to(device)
+    start = max(1, int(loss_mask.any(0).nonzero()[0]))
+    return ids.to(device), attn.to(device), loss_mask[:, start:].to(device), start
 
 
 def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env: ConversationEnvironment,
@@ -109,11 +111,11 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
         n_tokens = sum(int(p[2].sum()) for p in padded)
         old, ref = [], []
         with torch.no_grad():
-            for ids, attn, _ in padded:
-                old.append(token_logprobs(model, ids, attn) if cfg.num_iterations > 1 else None)
+            for ids, attn, _, start in padded:
+                old.append(token_logprobs(model, ids, attn, start) if cfg.num_iterations > 1 else None)
                 if cfg.beta > 0:
                     with model.disable_adapter():
-                        ref.append(token_logprobs(model, ids, attn))
+                        ref.append(token_logprobs(model, ids, attn, start))
                 else:
                     ref.append(None)
         t_upd = time.perf_counter()
@@ -121,8 +123,8 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
         for _ in range(cfg.num_iterations):
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for (ids, attn, mask), idx, o, r in zip(padded, micro, old, ref):
-                logp = token_logprobs(model, ids, attn)
+            for (ids, attn, mask, start), idx, o, r in zip(padded, micro, old, ref):
+                logp = token_logprobs(model, ids, attn, start)
                 old_logp = o if o is not None else logp.detach()
                 loss_tok, kl, lo, hi = per_token_loss(logp, old_logp, adv[idx].to(device), cfg.epsilon,
                                                       cfg.epsilon_high, r, cfg.beta)

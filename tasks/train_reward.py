@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -33,10 +32,10 @@ def run(params: dict) -> dict:
         rm = RewardModel.create(p["encoder"], p["hidden"], p["max_tokens"], params["seed"], str(pick_device(params["device"])))
         x = rm.embed([json.loads(c) for c in df["conversation"]])
         y = torch.tensor(df["score"].to_numpy(), dtype=torch.float32)
-        tr, va = torch.from_numpy(~held.to_numpy()), torch.from_numpy(held.to_numpy())
+        va = torch.tensor(held.to_numpy())
+        tr = ~va
         fit = rm.fit(x[tr], y[tr], x[va], y[va], p["epochs"], p["learning_rate"], p["patience"])
-        with torch.no_grad():
-            pred = rm.head(x[va]).squeeze(1).numpy()
+        pred = rm.score_embeddings(x[va])
         metrics = regression_metrics(pred, y[va].numpy(), df.loc[held, "scenario_id"].to_numpy(), float(y[tr].mean()))
         metrics.update(fit, train_n=int(tr.sum()))
         with atomic_path(paths["reward_model"], is_dir=True) as tmp:

@@ -1,0 +1,136 @@
+"""The whole pipeline on tiny models, in temporary copies of the repo: once through the Prefect
+flow (then `dvc repro` finds nothing to do, a calibrate-only change reruns calibrate and what
+follows, and a second flow run skips everything), once through `dvc repro` from scratch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ["base_model", "prepare", "label", "train_reward", "calibrate", "train_policy", "evaluate", "register"]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res.stdout + res.stderr
+
+
+def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["base_model"]["source"] = str(model_dir)
+    params["rollout"].update(max_new_tokens=8)
+    params["label"].update(group_size=2)
+    params["train_reward"].update(epochs=30, patience=30)
+    params["train_policy"].update(steps=2, scenarios_per_step=2, group_size=2)
+    params["evaluate"].update(samples_per_scenario=1, bootstrap=200)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(dest / ".prefect"),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop(  "GRPO_PARENT_RUN_ID", None)
+    sh(["git", "init", "-q"], dest, env)
+    (dest / ".git/info/exclude").write_text(".prefect/\n")
+    sh(["git", "add", "-A"], dest, env)
+    sh(["git", "commit", "-qm", "test copy"], dest, env)
+    return dest, env
+
+
+def dvc_status(project: Path, env: dict) -> dict:
+    return json.loads(sh([str(BIN / "dvc"), "status", "--json"], project, env).strip().splitlines()[-1])
+
+
+def mlflow_client(project: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow/mlflow.db'}")
+
+
+def check_outputs(project: Path) -> dict:
+    for p in ["data/models/base/model.safetensors", "data/prepared/train.parquet", "data/prepared/eval.parquet",
+              "data/prepared/validation.json", "data/labels/labels.parquet", "data/models/reward/head.pt",
+              "data/calibration/calibration.json", "data/models/policy/model.safetensors", "plots/train.csv", "plots/eval.csv"]:
+        assert (project / p).exists(), p
+    ev = json.loads((project / "metrics/eval.json").read_text())
+    assert ev["difference"]["ci_low"] <= ev["difference"]["mean"] <= ev["difference"]["ci_high"]
+    assert {"empathy", "coverage", "reward_model"} <= set(ev["trained"])
+    reg = json.loads((project / "metrics/register.json").read_text())
+    assert reg["version"] == 1 and reg["aliases"] == ["challenger", "champion"]
+    rm = json.loads((project / "metrics/reward.json").read_text())
+    assert {"mse", "spearman", "baseline_mse"} <= set(rm)
+    client = mlflow_client(project)
+    v = client.get_model_version_by_alias("grpo-agent", "champion")
+    assert v.version == "1" and client.get_model_version_by_alias("grpo-agent", "challenger").version == "1"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert v.tags["git_commit"] == head and v.tags["promotion.decision"] == "promoted"
+    assert any(k.startswith("dvc.train_policy.") and len(val) == 32 for k, val in v.tags.items())
+    return reg
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory, tiny_model_dir):
+    project, env = make_project(tmp_path_factory.mktemp("flow"), tiny_model_dir)
+    out = sh([sys.executable, "-m", "flows.pipeline"], project, env)
+    return project, env, out
+
+
+def test_flow_runs_every_stage_and_registers(flow_project):
+    project, env, out = flow_project
+    check_outputs(project)
+    assert "grpo-pipeline summary" in out and "version 1, aliases challenger, champion" in out
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name("grpo-agents")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlflow.runName") == "grpo-pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
+    for r in children:
+        assert r.data.params, r.data.tags["stage"]
+    by_stage = {r.data.tags["stage"]: r for r in children}
+    assert "spearman" in by_stage["train_reward"].data.metrics and "reward_mean" in by_stage["train_policy"].data.metrics
+    assert dvc_status(project, env) == {}
+
+
+def test_dvc_repro_after_flow_runs_nothing_then_only_what_a_param_touches(flow_project):
+    project, env, _ = flow_project
+    out = sh([str(BIN / "dvc"), "repro"], project, env)
+    assert "Running stage" not in out
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["calibrate"]["min_std"] = 0.03
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(dvc_status(project, env)) == {"calibrate", "train_policy", "evaluate", "register"}
+    out = sh([str(BIN / "dvc"), "repro"], project, env)
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"calibrate", "train_policy", "evaluate", "register"}, out[-3000:]
+    reg = json.loads((project / "metrics/register.json").read_text())
+    assert reg["version"] == 2 and "challenger" in reg["aliases"]
+    # after dvc repro, the next flow run skips every stage
+    sh([sys.executable, "-m", "flows.pipeline"], project, env)
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name("grpo-agents")
+    last = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'grpo-pipeline'", order_by=["start_time DESC"])[0]
+    assert last.data.tags["stages_run"] == "none" and last.data.tags["stages_skipped"] == ",".join(STAGES)
+
+
+def test_dvc_repro_from_scratch(tmp_path, tiny_model_dir):
+    project, env = make_project(tmp_path, tiny_model_dir)
+    out = sh([str(BIN / "dvc"), "repro"], project, env)
+    assert all(f"Running stage '{s}'" in out for s in STAGES)
+    check_outputs(project)
+    assert "didn't change" in sh([str(BIN / "dvc"), "repro"], project, env)
+    assert dvc_status(project, env) == {}

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from grpo import rewards as R
+from grpo.scenarios import Scenario
+
+SCEN = Scenario(id="s", domain="customer_service", persona="p", opening="o", followups=["f"],
+                expected_behaviours=["b"], keywords=["refund", "order", "tracking number"])
+
+
+def conv(*replies):
+    out = [{"role": "user", "content": "hi"}]
+    for r in replies:
+        out += [{"role": "assistant", "content": r}, {"role": "user", "content": "ok"}]
+    return out
+
+
+GOOD = ("I'm sorry your order is late, I understand how frustrating that is. Let me check the tracking "
+        "number for you, and I will arrange a refund if it has not shipped yet.")
+PARAMS = {"weights": {"empathy": 1, "action": 1, "professionalism": 1, "length": 1, "coverage": 1}, "length_band": [15, 60]}
+
+
+def test_every_component_is_in_unit_interval_and_orders_good_over_bad():
+    comps = R.heuristic_components(PARAMS)
+    group = [conv(GOOD), conv("NO. WHATEVER LOL!!!"), conv("")]
+    for c in comps:
+        s = c(group, SCEN)
+        assert s.shape == (3,) and np.all((s >= 0) & (s <= 1)), c.name
+        assert s[0] >= s[1] and s[0] > s[2], c.name
+
+
+def test_repeating_a_phrase_does_not_pay():
+    once = conv("I'm sorry, let me check your order.")
+    spam = conv("sorry sorry sorry sorry sorry sorry sorry sorry sorry sorry check check check check")
+    for c in (R.Empathy(), R.ActionOrientation()):
+        assert c([spam], SCEN)[0] <= c([once], SCEN)[0]
+    total = lambda x: R.weighted_sum({c.name: c([x], SCEN) for c in R.heuristic_components(PARAMS)}, PARAMS["weights"])[0]
+    assert total(spam) < total(conv(GOOD))
+    assert R.Professionalism()([spam], SCEN)[0] < 0.5
+
+
+def test_length_band_is_a_band_not_longer_is_better():
+    lb = R.LengthBand(10, 20)
+    assert lb.score_text("word " * 5) == pytest.approx(0.5)
+    assert lb.score_text("word " * 15) == 1.0
+    assert lb.score_text("word " * 30) == pytest.approx(0.5)
+    assert lb.score_text("word " * 40) == 0.0
+
+
+def test_coverage_counts_multiword_keywords():
+    s = R.KeywordCoverage()([conv("Your order has a tracking number."), conv("refund")], SCEN)
+    assert s[0] == pytest.approx(2 / 3) and s[1] == pytest.approx(1 / 3)
+
+
+def test_only_assistant_turns_are_scored():
+    c = [{"role": "user", "content": "I'm sorry, I understand, thank you"}, {"role": "assistant", "content": "ok"}]
+    assert R.Empathy()([c], SCEN)[0] == 0.0
+
+
+def test_calibration_zscores_components_and_guards_constant_ones():
+    cal = R.fit_zscore({"a": [1.0, 3.0], "b": [2.0, 2.0]}, min_std=0.5)
+    assert cal["a"] == {"mean": 2.0, "std": 1.0} and cal["b"]["std"] == 0.5
+    out = R.apply_calibration({"a": np.array([3.0]), "b": np.array([2.5])}, cal)
+    assert out["a"][0] == 1.0 and out["b"][0] == 1.0
+    with pytest.raises(KeyError, match="rerun calibrate"):
+        R.apply_calibration({"c": np.array([1.0])}, cal)
+
+
+def test_composite_reward_uses_calibration_and_reports_raw():
+    comps = {c.name: c([conv(GOOD), conv("no")], SCEN) for c in R.heuristic_components(PARAMS)}
+    cal = R.fit_zscore(comps, 0.01)
+    reward = R.CompositeReward(PARAMS, cal)
+    total, raw = reward([conv(GOOD), conv("no")], SCEN)
+    assert total[0] > total[1]
+    assert set(raw) == set(PARAMS["weights"]) and np.all(raw["length"] <= 1)
+    with pytest.raises(ValueError, match="no reward model"):
+        R.CompositeReward({**PARAMS, "weights": {**PARAMS["weights"], "reward_model": 1}})
+
+
+def test_unknown_component_is_named():
+    with pytest.raises(KeyError, match="bogus"):
+        R.heuristic_components({"weights": {"bogus": 1}, "length_band": [1, 2]})

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from grpo.objective import token_logprobs
+from grpo.rollout import ConversationEnvironment
+from grpo.scenarios import Scenario
+from grpo.trainer import GRPOConfig, add_lora, train
+
+SCEN = [Scenario(id=f"s{i}", domain="sales", persona="p", opening=f"Question {i}?", followups=["More?"]) for i in range(3)]
+
+
+def test_config_rejects_unknown_params():
+    with pytest.raises(KeyError, match="bogus"):
+        GRPOConfig.from_params({"bogus": 1})
+
+
+def test_reference_is_the_base_with_adapter_disabled(tiny_model):
+    x = torch.tensor([[1, 5, 9, 14, 2]])
+    attn = torch.ones_like(x)
+    base = token_logprobs(tiny_model, x, attn).detach()
+    peft = add_lora(tiny_model, GRPOConfig(lora_r=4))
+    for n, p in peft.named_parameters():  # move the adapter away from its zero init
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    assert not torch.allclose(token_logprobs(peft, x, attn), base)
+    with peft.disable_adapter():
+        assert torch.allclose(token_logprobs(peft, x, attn), base)
+
+
+def test_training_runs_and_only_the_adapter_changes(tokenizer, tiny_model):
+    env = ConversationEnvironment(tokenizer, max_turns=2, max_new_tokens=6)
+    frozen = {n: p.clone() for n, p in tiny_model.named_parameters()}
+
+    def reward(convs, scen):  # longer first replies pay: a learnable, non-constant signal
+        raw = np.array([len(c[2]["content"]) for c in convs], dtype=float)
+        return raw, {"length": raw}
+
+    cfg = GRPOConfig(steps=3, scenarios_per_step=2, group_size=3, beta=0.1, num_iterations=2, micro_batch_size=4, lora_r=4)
+    rows = []
+    model, history = train(tiny_model, tokenizer, SCEN, reward, env, cfg, on_step=lambda s, r: rows.append(s))
+    assert rows == [1, 2, 3] and len(history) == 3
+    h = history[-1]
+    for key in ("reward_mean", "reward/length", "kl", "clip_low", "clip_high", "advantage_std", "zero_std_group_frac",
+                "completion_length", "gen_tokens_per_s", "update_tokens_per_s", "loss"):
+        assert key in h and np.isfinite(h[key]), key
+    assert any(r["kl"] > 0 for r in history[1:])  # the adapter moved away from the reference
+    merged = model.merge_and_unload()
+    for n, p in merged.named_parameters():
+        assert n in frozen
+    assert any(not torch.equal(p, frozen[n]) for n, p in merged.named_parameters())
+
+
+def test_non_finite_reward_aborts(tokenizer, tiny_model):
+    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=4)
+
+    def reward(convs, scen):
+        return np.full(len(convs), np.nan), {}
+
+    with pytest.raises(FloatingPointError):
+        train(tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(steps=1, scenarios_per_step=1, group_size=2, lora_r=2))
