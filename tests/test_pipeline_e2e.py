@@ -74,7 +74,7 @@ def check_outputs(project: Path) -> dict:
     assert {"mse", "spearman", "baseline_mse"} <= set(rm)
     client = mlflow_client(project)
     v = client.get_model_version_by_alias("grpo-agent", "champion")
-    assert v.version == "1" and client.get_model_version_by_alias("grpo-agent", "challenger").version == "1"
+    assert str(v.version) == "1" and str(client.get_model_version_by_alias("grpo-agent", "challenger").version) == "1"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert v.tags["git_commit"] == head and v.tags["promotion.decision"] == "promoted"
     assert any(k.startswith("dvc.train_policy.") and len(val) == 32 for k, val in v.tags.items())
@@ -111,9 +111,9 @@ def test_dvc_repro_after_flow_runs_nothing_then_only_what_a_param_touches(flow_p
     out = sh([str(BIN / "dvc"), "repro"], project, env)
     assert "Running stage" not in out
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["calibrate"]["min_std"] = 0.03
+    params["calibrate"]["min_std"] = 0.5  # above any [0, 1] component's std: the calibration must change
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert set(dvc_status(project, env)) == {"calibrate", "train_policy", "evaluate", "register"}
+    assert set(dvc_status(project, env)) == {"calibrate"}
     out = sh([str(BIN / "dvc"), "repro"], project, env)
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
     assert ran == {"calibrate", "train_policy", "evaluate", "register"}, out[-3000:]
