@@ -11,12 +11,19 @@ import torch
 import torch.nn.functional as F
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     leave_one_out: bool = False):
     """(r - group mean) / std, with ``scale`` = ``group`` (per-group std), ``batch`` (one std over
-    the batch) or ``none``. Returns ``(advantages, zero_std_groups)``; a group whose rewards are all
-    equal gets advantage 0 and is counted."""
+    the batch) or ``none``. With ``leave_one_out`` the baseline of each completion is the mean of the
+    *other* completions of its group (RLOO): r_i - mean_{j!=i} r_j = G/(G-1) * (r_i - mean).
+    Returns ``(advantages, zero_std_groups)``; a group whose rewards are all equal gets advantage 0
+    and is counted."""
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if leave_one_out:
+        if group_size < 2:
+            raise ValueError("leave_one_out needs group_size >= 2")
+        centered = centered * group_size / (group_size - 1)
     std = grouped.std(dim=1, keepdim=True)
     if scale == "group":
         adv = centered / (std + eps)
@@ -46,9 +53,19 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_loss(logp, old_logp, advantages, epsilon: float, epsilon_high: float,
-                   ref_logp=None, beta: float = 0.0):
-    """Per-token clipped-surrogate loss plus ``beta`` * k3 KL; also returns the clip masks."""
-    ratio = torch.exp(logp - old_logp)
+                   ref_logp=None, beta: float = 0.0, mask=None, level: str = "token"):
+    """Per-token clipped-surrogate loss plus ``beta`` * k3 KL; also returns the clip masks.
+
+    ``level="sequence"`` is GSPO: one importance ratio per sequence,
+    exp(mean over its masked tokens of (logp - old_logp)), clipped as a whole and shared by
+    every token of the sequence (needs ``mask``)."""
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        m = mask.to(logp.dtype)
+        log_ratio = ((log_ratio * m).sum(1) / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(logp)
+    elif level != "token":
+        raise ValueError(f"importance_sampling_level must be token|sequence, got {level!r}")
+    ratio = torch.exp(log_ratio)
     adv = advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv

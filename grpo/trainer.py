@@ -36,6 +36,8 @@ class GRPOConfig:
     epsilon_high: float = 0.28
     loss_type: str = "grpo"         # grpo | bnpo | dr_grpo | dapo
     scale_rewards: str = "group"    # group | batch | none
+    leave_one_out: bool = False     # RLOO baseline instead of the group mean
+    importance_sampling_level: str = "token"  # token (GRPO) | sequence (GSPO)
     num_iterations: int = 1         # updates per generation round
     micro_batch_size: int = 8
     max_grad_norm: float = 1.0
@@ -102,7 +104,7 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
             for k, v in raw.items():
                 comps.setdefault(k, []).extend(np.asarray(v).tolist())
         rewards = torch.cat(totals)
-        adv, zero_groups = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
+        adv, zero_groups = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out)
 
         # 4. old-policy and reference log-probs, then the clipped-surrogate updates
         model.train()
@@ -126,8 +128,8 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
             for (ids, attn, mask, start), idx, o, r in zip(padded, micro, old, ref):
                 logp = token_logprobs(model, ids, attn, start)
                 old_logp = o if o is not None else logp.detach()
-                loss_tok, kl, lo, hi = per_token_loss(logp, old_logp, adv[idx].to(device), cfg.epsilon,
-                                                      cfg.epsilon_high, r, cfg.beta)
+                loss_tok, kl, lo, hi = per_token_loss(logp, old_logp, adv[idx].to(device), cfg.epsilon, cfg.epsilon_high,
+                                                      r, cfg.beta, mask, cfg.importance_sampling_level)
                 loss = aggregate(loss_tok, mask, cfg.loss_type, len(trajs), n_tokens, env.max_new_tokens * env.max_turns)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")

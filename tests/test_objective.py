@@ -73,3 +73,22 @@ def test_token_logprobs_from_start_equal_the_full_computation(tiny_model):
     logits = tiny_model(input_ids=ids, attention_mask=attn).logits.log_softmax(-1)
     assert torch.allclose(full, logits[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2), atol=1e-5)
     assert torch.allclose(token_logprobs(tiny_model, ids, attn, start=3), full[:, 2:], atol=1e-5)
+
+
+def test_leave_one_out_baseline():
+    r = torch.tensor([1.0, 2.0, 6.0])
+    adv, _ = group_advantages(r, 3, "none", leave_one_out=True)
+    assert adv.tolist() == pytest.approx([1 - 4.0, 2 - 3.5, 6 - 1.5])
+
+
+def test_gspo_uses_one_clipped_ratio_per_sequence():
+    old = torch.zeros(1, 3)
+    logp = torch.tensor([[0.3, 0.0, 0.9]])
+    mask = torch.tensor([[1, 1, 0]])  # the masked-out token does not enter the sequence ratio
+    loss, _, lo, hi = per_token_loss(logp, old, torch.tensor([1.0]), 0.2, 0.2, mask=mask, level="sequence")
+    ratio = math.exp(0.15)  # mean log-ratio over the two masked tokens
+    assert loss[0, :2].tolist() == pytest.approx([-ratio, -ratio])
+    loss, _, lo, hi = per_token_loss(logp * 4, old, torch.tensor([1.0]), 0.2, 0.2, mask=mask, level="sequence")
+    assert loss[0, :2].tolist() == pytest.approx([-1.2, -1.2]) and hi[0, :2].all()
+    with pytest.raises(ValueError):
+        per_token_loss(logp, old, torch.tensor([1.0]), 0.2, 0.2, mask=mask, level="bogus")

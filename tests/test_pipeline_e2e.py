@@ -29,7 +29,7 @@ def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
-        if (ROOT / f).is_file():
+        if (ROOT / f).is_file() and f != "dvc.lock":  # the copy starts with no pipeline state
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
     params = yaml.safe_load((dest / "params.yaml").read_text())
