@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
 
 
 class ModelSpecError(ValueError):

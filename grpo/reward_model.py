@@ -7,7 +7,6 @@ budget, the oldest turns are dropped first, since the latest exchange matters mo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,6 @@ not pay, and ``professionalism`` penalises repetitive text directly.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -183,10 +182,3 @@ class CompositeReward:
         if not np.all(np.isfinite(total)):
             raise FloatingPointError(f"non-finite reward for scenario {getattr(scenario, 'id', '?')}: {total}")
         return total, raw
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    from scipy.stats import spearmanr
-
-    r = spearmanr(a, b).statistic
-    return float(r) if not math.isnan(r) else 0.0

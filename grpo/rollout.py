@@ -11,7 +11,7 @@ turn; nothing loops over trajectories one by one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +27,6 @@ class Trajectory:
     assistant_mask: list[int]
     turns: int = 0
     truncated_turns: int = 0
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if len(self.input_ids) != len(self.assistant_mask):

@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -169,7 +169,3 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
         if on_step:
             on_step(step + 1, row)
     return model, history
-
-
-def config_dict(cfg: GRPOConfig) -> dict:
-    return asdict(cfg)

@@ -7,13 +7,9 @@ imported inside :func:`validate` only.
 
 from __future__ import annotations
 
-import logging
-
 import pandas as pd
 
 from grpo.scenarios import DIFFICULTIES, DOMAINS
-
-log = logging.getLogger(__name__)
 
 
 class ValidationFailed(ValueError):

@@ -8,7 +8,6 @@ merged policy to `paths.policy`, `paths.metrics`/train.json and the per-step cur
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
 from grpo import scenarios as S
 from grpo.io import atomic_path, write_json
