@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
+from grpo import checkpoint
 from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs
 from grpo.rollout import ConversationEnvironment, Trajectory
 from grpo.scenarios import Scenario
@@ -41,6 +43,7 @@ class GRPOConfig:
     num_iterations: int = 1         # updates per generation round
     micro_batch_size: int = 8
     max_grad_norm: float = 1.0
+    checkpoint_every: int = 0       # steps between checkpoints; 0 disables them
     seed: int = 0
 
     @classmethod
@@ -75,17 +78,26 @@ def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env: ConversationEnvironment,
-          cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None):
+          cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: str | None = None):
     """Train LoRA adapters on ``model`` with GRPO. ``reward_fn(conversations, scenario)`` returns
-    ``(totals, raw_components)`` for one group. Returns ``(peft_model, history)``."""
+    ``(totals, raw_components)`` for one group. Returns ``(peft_model, history)``.
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every``, a checkpoint is written every N steps and
+    a rerun of the same configuration resumes from it; it is removed when training completes."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    order = list(range(len(scenarios)))
-    history, skipped = [], 0
-    bar = tqdm(range(cfg.steps), desc="GRPO", unit="step")
+    order = random.sample(range(len(scenarios)), len(scenarios))
+    history, skipped, first = [], 0, 0
+    run_config = {**asdict(cfg), "scenarios": [s.id for s in scenarios]}
+    if checkpoint_dir and cfg.checkpoint_every:
+        resumed = checkpoint.load(checkpoint_dir, model, opt, run_config)
+        if resumed:
+            first, state = resumed
+            order, history, skipped = state["order"], state["history"], state["skipped"]
+    bar = tqdm(range(first, cfg.steps), desc="GRPO", unit="step", initial=first, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
         # 1. sample groups: scenarios cycle in a seeded shuffled order
@@ -168,4 +180,9 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
         if on_step:
             on_step(step + 1, row)
+        if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            checkpoint.save(checkpoint_dir, step + 1, model, opt,
+                            {"order": order, "history": history, "skipped": skipped}, run_config)
+    if checkpoint_dir:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return model, history

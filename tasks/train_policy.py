@@ -27,7 +27,8 @@ def run(params: dict) -> dict:
         env = ConversationEnvironment(tok, **params["rollout"])
         reward = load_reward(params)
         model, history = train(model, tok, scenarios, reward, env, cfg,
-                               on_step=lambda step, row: log_metrics(mlflow, row, step))
+                               on_step=lambda step, row: log_metrics(mlflow, row, step),
+                               checkpoint_dir=paths["checkpoints"])
         merged = model.merge_and_unload()
         with atomic_path(paths["policy"], is_dir=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)

@@ -59,3 +59,48 @@ def test_non_finite_reward_aborts(tokenizer, tiny_model):
 
     with pytest.raises(FloatingPointError):
         train(tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(steps=1, scenarios_per_step=1, group_size=2, lora_r=2))
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tmp_path):
+    from grpo.models import tiny_causal_lm
+
+    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=5)
+
+    def reward(convs, scen):
+        raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
+        return raw, {"length": raw}
+
+    cfg = GRPOConfig(steps=4, scenarios_per_step=1, group_size=3, lora_r=2, checkpoint_every=2, learning_rate=1e-2)
+    full, _ = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, checkpoint_dir=str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # removed once training completes
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, row):
+        if step == 3:
+            raise Killed
+
+    ckpt = tmp_path / "b"
+    with pytest.raises(Killed):
+        train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, on_step=kill_at_3, checkpoint_dir=str(ckpt))
+    saved = torch.load(ckpt / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2 and saved["optimizer"]["state"]
+    steps = []
+    resumed, history = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg,
+                             on_step=lambda s, r: steps.append(s), checkpoint_dir=str(ckpt))
+    assert steps == [3, 4] and [r["step"] for r in history] == [1, 2, 3, 4]
+    a, b = full.state_dict(), resumed.state_dict()
+    lora = [k for k in a if "lora_" in k]
+    assert lora and all(torch.allclose(a[k], b[k], atol=1e-6) for k in lora)
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed(tokenizer, tmp_path):
+    from grpo import checkpoint
+    from grpo.models import tiny_causal_lm
+
+    model = add_lora(tiny_causal_lm(tokenizer), GRPOConfig(lora_r=2))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    checkpoint.save(tmp_path, 2, model, opt, {"order": []}, {"lr": 1})
+    assert checkpoint.load(tmp_path, model, opt, {"lr": 2}) is None
+    assert checkpoint.load(tmp_path, model, opt, {"lr": 1})[0] == 2
