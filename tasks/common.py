@@ -24,7 +24,9 @@ def load_params(path: Path = PARAMS_FILE) -> dict:
 
 
 def tracking_uri(params: dict) -> str:
-    return f"sqlite:///{params['paths']['mlflow_db']}"
+    # Absolute: MLflow caches one store per URI string, so a relative one would stick to the first
+    # directory it was resolved in.
+    return f"sqlite:///{Path(params['paths']['mlflow_db']).resolve()}"
 
 
 def setup_mlflow(params: dict):

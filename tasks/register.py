@@ -1,9 +1,9 @@
 """Stage 7, register: log the trained policy to the MLflow registry and gate promotion.
 
-Every new version gets the alias ``challenger``. ``champion`` moves to it only when no champion
-exists or its evaluated `register.metric` beats the champion's by more than
-`register.min_improvement`. The decision and the lineage (git commit, DVC output hashes, params
-file) are written as tags on the version. Writes `paths.metrics`/register.json.
+Every new version gets the alias ``challenger``. ``champion`` moves to it only through the gate in
+tasks/registry.py: when no champion exists or its evaluated `register.metric` beats the champion's
+by more than `register.min_improvement`. The decision and the lineage (git commit, DVC output
+hashes, params file) are written as tags on the version. Writes `paths.metrics`/register.json.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import yaml
 
 from grpo.io import read_json, write_json
 from tasks.common import PARAMS_FILE, cli, stage_run
+from tasks.registry import promote
 
 REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "pandas", "mlflow")
 
@@ -56,15 +57,6 @@ def run(params: dict) -> dict:
         )
         version = str(info.registered_model_version)
         mlflow.log_artifact(str(PARAMS_FILE))
-        champion = None
-        try:
-            champion = client.get_model_version_by_alias(name, "champion")
-        except mlflow.exceptions.MlflowException:
-            pass
-        champ_score = float(champion.tags[f"eval.{metric}"]) if champion else None
-        promote = champion is None or score > champ_score + p["min_improvement"]
-        reason = ("no champion yet" if champion is None else
-                  f"{metric} {score:.4f} vs champion v{champion.version} {champ_score:.4f}, margin {p['min_improvement']}")
         tags = {
             f"eval.{metric}": score,
             "eval.base_reward_mean": evaluation["base"]["reward_mean"],
@@ -73,20 +65,14 @@ def run(params: dict) -> dict:
             "git_commit": git_commit(),
             "params_sha256": hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest(),
             "mlflow_run_id": run.info.run_id,
-            "promotion.decision": "promoted" if promote else "refused",
-            "promotion.reason": reason,
-            "promotion.by": "register stage (automatic gate)",
             **dvc_hashes(),
         }
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, str(v))
         client.set_registered_model_alias(name, "challenger", version)
-        if promote:
-            if champion is not None:
-                client.set_model_version_tag(name, champion.version, "previous_champion", "true")
-            client.set_registered_model_alias(name, "champion", version)
-        result = {"model_name": name, "version": int(version), "aliases": ["challenger"] + (["champion"] if promote else []),
-                  "promoted": promote, "reason": reason, metric: score}
+        decision = promote(client, name, version, metric, p["min_improvement"], "register stage (automatic gate)")
+        result = {"model_name": name, "version": int(version), "promoted": decision["promoted"], "reason": decision["reason"],
+                  "aliases": ["challenger"] + (["champion"] if decision["promoted"] else []), metric: score}
         mlflow.log_dict(result, "register.json")
     write_json(f"{paths['metrics']}/register.json", result)
     return result

@@ -134,3 +134,47 @@ def test_dvc_repro_from_scratch(tmp_path, tiny_model_dir):
     check_outputs(project)
     assert "didn't change" in sh([str(BIN / "dvc"), "repro"], project, env)
     assert dvc_status(project, env) == {}
+
+
+def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project):
+    """`python -m tasks.serve` on the registry the pipeline filled: the SDK gets replies, and moving
+    the alias to another version reloads the model."""
+    import socket
+    import time
+
+    import openai
+
+    project, env, _ = flow_project
+    client = mlflow_client(project)
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='grpo-agent'"))
+    assert len(versions) >= 2  # v1 from the flow, v2 from the repro test
+    client.set_registered_model_alias("grpo-agent", "e2e", str(versions[0]))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["serve"]["poll_seconds"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.serve", "--alias", "e2e", "--port", str(port)], cwd=project,
+                            env={**env, "GRPO_API_KEY": "k"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
+        for _ in range(120):
+            try:
+                ids = [m.id for m in sdk.models.list().data]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.5)
+        assert ids == [f"grpo-agent@e2e:v{versions[0]}"]
+        reply = sdk.chat.completions.create(model="grpo-agent", messages=[{"role": "user", "content": "Hello"}], max_tokens=5)
+        assert reply.choices[0].message.content is not None
+        client.set_registered_model_alias("grpo-agent", "e2e", str(versions[-1]))
+        for _ in range(60):
+            if sdk.models.list().data[0].id.endswith(f":v{versions[-1]}"):
+                break
+            time.sleep(0.5)
+        assert sdk.models.list().data[0].id == f"grpo-agent@e2e:v{versions[-1]}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,226 @@
+"""An OpenAI-compatible chat server for a policy: ``/v1/chat/completions``, ``/v1/models``,
+``/health`` and ``/metrics`` (Prometheus).
+
+Concurrent requests with the same sampling settings are batched into one ``generate`` call. With
+``stream: true`` the reply is sent as server-sent-event chunks in OpenAI's format; the chunks are
+emitted once the batched generation finishes (not token by token). The app knows nothing of MLflow:
+it is given a ``load`` callable that returns ``(model, tokenizer, model_name)``, and
+``app.state.server.reload()`` swaps in a new model without dropping requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from grpo.rollout import ConversationEnvironment, encode, render
+
+
+@dataclass
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 256          # cap on a request's max_tokens
+    max_concurrent: int = 32       # requests queued or running; more get 429
+    max_batch: int = 16            # requests per generate call
+    batch_wait_s: float = 0.02     # how long the batcher waits for more requests
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass
+class Pending:
+    prompt: list[int]
+    max_tokens: int
+    key: tuple
+    future: asyncio.Future
+
+
+class Server:
+    """Holds the model, the batching queue and the metrics."""
+
+    def __init__(self, load: Callable[[], tuple], limits: Limits, api_key: str | None = None):
+        self.load, self.limits, self.api_key = load, limits, api_key
+        self.model, self.tokenizer, self.name = load()
+        self.lock = threading.Lock()  # one generate at a time; reload waits for it
+        self.queue: asyncio.Queue | None = None
+        self.in_flight = 0
+        reg = self.registry = CollectorRegistry()
+        self.m_requests = Counter("chat_requests_total", "Chat completion requests", ["status"], registry=reg)
+        self.m_latency = Histogram("chat_request_seconds", "Request latency", registry=reg)
+        self.m_batch = Histogram("generate_batch_size", "Requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg)
+        self.m_calls = Counter("generate_calls_total", "generate() calls", registry=reg)
+        self.m_tokens = Counter("completion_tokens_total", "Generated tokens", registry=reg)
+        self.m_inflight = Gauge("requests_in_flight", "Requests queued or running", registry=reg)
+        self.m_reloads = Counter("model_reloads_total", "Model reloads", registry=reg)
+
+    def reload(self) -> None:
+        model, tokenizer, name = self.load()
+        with self.lock:  # swap between generate calls, never during one
+            self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.m_reloads.inc()
+
+    def generate(self, batch: list[Pending]) -> list[list[int]]:
+        temperature, top_p = batch[0].key
+        with self.lock:
+            env = ConversationEnvironment(self.tokenizer, max_turns=1, max_new_tokens=max(p.max_tokens for p in batch),
+                                          temperature=temperature or 1.0, top_p=top_p)
+            out = env.generate(self.model, [p.prompt for p in batch], do_sample=temperature > 0)
+        self.m_calls.inc()
+        self.m_batch.observe(len(batch))
+        return [o[: p.max_tokens] for o, p in zip(out, batch)]
+
+    async def worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        held: list[Pending] = []
+        while True:
+            first = held.pop(0) if held else await self.queue.get()
+            batch = [first]
+            deadline = loop.time() + self.limits.batch_wait_s
+            while len(batch) < self.limits.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                (batch if item.key == first.key else held).append(item)
+            try:
+                outs = await asyncio.to_thread(self.generate, batch)
+                for p, o in zip(batch, outs):
+                    if not p.future.done():
+                        p.future.set_result(o)
+            except Exception as e:  # a failed generate fails its requests, not the server
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+
+    async def complete(self, req: ChatRequest) -> dict:
+        limit = req.max_completion_tokens or req.max_tokens or self.limits.max_tokens
+        if limit > self.limits.max_tokens:
+            raise ApiError(400, f"max_tokens {limit} exceeds this server's limit of {self.limits.max_tokens}")
+        messages = [m.model_dump() for m in req.messages]
+        prompt = encode(self.tokenizer, render(self.tokenizer, messages, True))
+        if len(prompt) > self.limits.max_prompt_tokens:
+            raise ApiError(400, f"prompt is {len(prompt)} tokens; the limit is {self.limits.max_prompt_tokens}")
+        if self.in_flight >= self.limits.max_concurrent:
+            raise ApiError(429, "too many concurrent requests", "rate_limit_error")
+        self.in_flight += 1
+        self.m_inflight.set(self.in_flight)
+        try:
+            fut = asyncio.get_running_loop().create_future()
+            await self.queue.put(Pending(prompt, limit, (req.temperature, req.top_p), fut))
+            ids = await fut
+        finally:
+            self.in_flight -= 1
+            self.m_inflight.set(self.in_flight)
+        eos = self.tokenizer.eos_token_id
+        finished = bool(ids) and ids[-1] == eos
+        text = self.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip()
+        self.m_tokens.inc(len(ids))
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop" if finished else "length"}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)},
+        }
+
+
+def stream_chunks(result: dict):
+    base = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"], "model": result["model"]}
+    choice = result["choices"][0]
+    for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": choice["message"]["content"]}, None),
+                          ({}, choice["finish_reason"])):
+        yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def create_app(load: Callable[[], tuple], limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    server = Server(load, limits or Limits(), api_key)
+
+    async def lifespan(app):
+        server.queue = asyncio.Queue()
+        task = asyncio.create_task(server.worker())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="grpo-agents chat server", lifespan=lifespan)
+    app.state.server = server
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if server.api_key and request.url.path != "/health":
+            if request.headers.get("authorization") != f"Bearer {server.api_key}":
+                return error(401, "missing or wrong bearer token", "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"] if x != "body")
+        server.m_requests.labels("400").inc()
+        return error(400, f"{where}: {first['msg']}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(server.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "owned_by": "grpo-agents"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        t0 = time.perf_counter()
+        try:
+            result = await server.complete(req)
+        except ApiError as e:
+            server.m_requests.labels(str(e.status)).inc()
+            return error(e.status, e.message, e.kind)
+        server.m_requests.labels("200").inc()
+        server.m_latency.observe(time.perf_counter() - t0)
+        if req.stream:
+            return StreamingResponse(stream_chunks(result), media_type="text/event-stream")
+        return result
+
+    return app

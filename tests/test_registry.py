@@ -1,0 +1,106 @@
+"""Promotion gate and rollback on real registered MLflow model versions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.pyfunc import PythonModel
+
+from tasks import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "agent-under-test"
+
+
+class Echo(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return list(model_input["messages"])
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A params.yaml and an empty SQLite registry in a temporary directory, used as the cwd."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["register"]["model_name"] = NAME
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    from tasks.common import setup_mlflow
+
+    setup_mlflow(params)
+    yield tmp_path, mlflow.MlflowClient()
+    mlflow.set_tracking_uri(None)
+
+
+def register(client, score: float) -> str:
+    """A real logged-and-registered model version; the test sets only its metric."""
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="m", python_model=Echo(), registered_model_name=NAME, pip_requirements=["mlflow"])
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(NAME, version, "eval.reward_mean", str(score))
+    client.set_registered_model_alias(NAME, "challenger", version)
+    return version
+
+
+def champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+def test_worse_challenger_is_refused_and_rollback_restores_the_previous_champion(project):
+    _, client = project
+    v1 = register(client, 0.50)
+    assert registry.promote(client, NAME, v1, "reward_mean", 0.0, "test")["promoted"]
+    assert champion(client) == v1
+
+    v2 = register(client, 0.30)  # worse than the champion
+    res = registry.promote(client, NAME, v2, "reward_mean", 0.0, "test")
+    assert not res["promoted"] and "does not beat" in res["reason"] and champion(client) == v1
+    tags = client.get_model_version(NAME, v2).tags
+    assert tags["promotion.decision"] == "refused" and tags["promotion.by"] == "test"
+
+    v3 = register(client, 0.55)  # better, but not by the margin
+    assert not registry.promote(client, NAME, v3, "reward_mean", 0.1, "test")["promoted"]
+    assert registry.promote(client, NAME, v3, "reward_mean", 0.01, "test")["promoted"]
+    assert champion(client) == v3
+    assert client.get_model_version(NAME, v1).tags["previous_champion"] == "true"
+    assert client.get_model_version(NAME, v3).tags["promotion.replaced"] == v1
+
+    assert registry.rollback(client, NAME, "test") == {"champion": v1, "rolled_back": v3}
+    assert champion(client) == v1 and client.get_model_version(NAME, v3).tags["rolled_back"] == "true"
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        registry.rollback(client, NAME, "test")
+
+
+def test_cli_refuses_a_worse_challenger_with_exit_1_and_rolls_back(project):
+    cwd, client = project
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tasks.registry", *a], cwd=cwd, env=env,
+                                    capture_output=True, text=True)
+    assert run("rollback").returncode == 1  # no champion yet: a clear error, no traceback
+    v1 = register(client, 0.5)
+    assert run("promote").returncode == 0 and champion(client) == v1
+    register(client, 0.2)
+    refused = run("promote")
+    assert refused.returncode == 1 and "does not beat" in refused.stdout
+    v3 = register(client, 0.9)
+    assert run("promote", "--version", v3).returncode == 0 and champion(client) == v3
+    rb = run("rollback")
+    assert rb.returncode == 0 and champion(client) == v1, rb.stderr
+    err = run("rollback")
+    assert err.returncode == 1 and "error:" in err.stderr and "Traceback" not in err.stderr
+
+
+def test_prefect_flows_wire_the_same_functions(project):
+    from flows.registry import promote_model, rollback_model
+
+    _, client = project
+    v1 = register(client, 0.5)
+    assert promote_model.fn()["promoted"]
+    v2 = register(client, 0.7)
+    assert promote_model.fn(v2)["replaced"] == v1
+    assert rollback_model.fn()["champion"] == v1
