@@ -15,8 +15,8 @@ def promote_model(version: str | None = None) -> dict:
     params = load_params()
     client = setup_mlflow(params).MlflowClient()
     name, p = params["register"]["model_name"], params["register"]
-    version = version or registry.by_alias(client, name, "challenger").version
-    result = registry.promote(client, name, str(version), p["metric"], p["min_improvement"], "prefect flow promote-model")
+    version = registry.version_or_challenger(client, name, version)
+    result = registry.promote(client, name, version, p["metric"], p["min_improvement"], "prefect flow promote-model")
     print(result)
     return result
 

@@ -34,6 +34,15 @@ def by_alias(client: MlflowClient, name: str, alias: str):
         return None
 
 
+def version_or_challenger(client: MlflowClient, name: str, version: str | None) -> str:
+    if version is not None:
+        return str(version)
+    challenger = by_alias(client, name, "challenger")
+    if challenger is None:
+        raise RegistryError(f"{name} has no challenger; pass a version")
+    return str(challenger.version)
+
+
 def metric_of(version, metric: str) -> float:
     key = f"eval.{metric}"
     if key not in version.tags:
@@ -102,10 +111,8 @@ def main() -> None:
     client, name, p = MlflowClient(), params["register"]["model_name"], params["register"]
     try:
         if args.command == "promote":
-            version = args.version or getattr(by_alias(client, name, "challenger"), "version", None)
-            if version is None:
-                raise RegistryError(f"{name} has no challenger; pass --version")
-            result = promote(client, name, str(version), p["metric"], p["min_improvement"], "cli promote")
+            version = version_or_challenger(client, name, args.version)
+            result = promote(client, name, version, p["metric"], p["min_improvement"], "cli promote")
         else:
             result = rollback(client, name, "cli rollback")
     except (RegistryError, MlflowException) as e:
