@@ -1,15 +1,20 @@
-"""Great Expectations suite for prepared scenarios.
+"""Great Expectations validation of prepared scenarios, with the suite kept in the repo.
 
-GX validates columns, so list fields are summarised into derived columns (``n_followups``,
-``min_turn_chars`` ...) before validation. ``great_expectations`` takes ~3 s to import, so it is
+The suite is a JSON file (``paths.expectations``, by default data/expectations/scenarios.json).
+GX validates columns, so list fields are summarised into derived columns first (``n_followups``,
+``min_turn_chars``, ``n_unknown_tools`` ...). A failure report names, per failed expectation, the
+scenario ids and the files they came from. ``great_expectations`` takes ~3 s to import, so it is
 imported inside :func:`validate` only.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 
-from grpo.scenarios import DIFFICULTIES, DOMAINS
+from grpo.tools import unresolved
 
 
 class ValidationFailed(ValueError):
@@ -17,39 +22,25 @@ class ValidationFailed(ValueError):
         self.report = report
         lines = [f"scenario validation failed: {report['failed']} of {report['evaluated']} expectations"]
         for f in report["failures"]:
-            lines.append(f"  - {f['expectation']} on {f['column']!r}: ids {f['ids']} (from {', '.join(f['files'])})")
+            ids = f["ids"][:10] + (["..."] if len(f["ids"]) > 10 else [])
+            lines.append(f"  - {f['expectation']} on {f['column']!r}: ids {ids} (from {', '.join(f['files'][:5])})")
         super().__init__("\n".join(lines))
 
 
 def derived_columns(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     turns = out.apply(lambda r: [r["opening"], *r["followups"]], axis=1)
-    out["n_followups"] = out["followups"].map(len)
-    out["n_keywords"] = out["keywords"].map(len)
-    out["n_behaviours"] = out["expected_behaviours"].map(len)
-    out["min_turn_chars"] = turns.map(lambda t: min(len(x.strip()) for x in t))
-    out["max_turn_chars"] = turns.map(lambda t: max(len(x) for x in t))
+    out["n_followups"] = out["followups"].map(len).astype("int64")
+    out["n_expected"] = out["expected_behaviours"].map(len) + out["example_responses"].map(len)
+    out["min_turn_chars"] = turns.map(lambda t: min(len(str(x).strip()) for x in t))
+    out["max_turn_chars"] = turns.map(lambda t: max(len(str(x)) for x in t))
+    refs = out.apply(lambda r: unresolved(list(r["tools"]), json.loads(r["backend"])), axis=1)
+    out["n_unknown_tools"] = refs.map(lambda x: len(x[0]))
+    out["n_unbacked_tools"] = refs.map(lambda x: len(x[1]))
     return out
 
 
-def build_suite(gx, bounds: dict):
-    E = gx.expectations
-    suite = gx.ExpectationSuite(name="scenarios")
-    for col in ("id", "domain", "persona", "opening", "difficulty"):
-        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
-    suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="id"))
-    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="domain", value_set=list(DOMAINS)))
-    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="difficulty", value_set=list(DIFFICULTIES)))
-    suite.add_expectation(E.ExpectColumnValueLengthsToBeBetween(column="persona", min_value=bounds["min_chars"]))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=bounds["min_chars"]))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="max_turn_chars", max_value=bounds["max_chars"]))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_followups", min_value=bounds["min_followups"]))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_keywords", min_value=1))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_behaviours", min_value=1))
-    return suite
-
-
-def validate(df: pd.DataFrame, bounds: dict) -> dict:
+def validate(df: pd.DataFrame, suite_path: str | Path) -> dict:
     """Validate scenarios; return a JSON-able report, raise :class:`ValidationFailed` if any fail."""
     import great_expectations as gx
 
@@ -61,10 +52,8 @@ def validate(df: pd.DataFrame, bounds: dict) -> dict:
         .add_batch_definition_whole_dataframe("all")
         .get_batch(batch_parameters={"dataframe": data})
     )
-    result = batch.validate(
-        build_suite(gx, bounds),
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]},
-    )
+    suite = gx.ExpectationSuite(**json.loads(Path(suite_path).read_text()))
+    result = batch.validate(suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]})
     failures = []
     for r in result.results:
         if r.success:
@@ -72,9 +61,10 @@ def validate(df: pd.DataFrame, bounds: dict) -> dict:
         cfg = r.expectation_config
         rows = r.result.get("unexpected_index_list") or []
         ids = sorted({str(x["id"]) if isinstance(x, dict) else str(data.iloc[x]["id"]) for x in rows})
-        files = sorted(set(data.loc[data["id"].astype(str).isin(ids), "source"])) if ids else []
+        files = sorted(set(data.loc[data["id"].astype(str).isin(ids), "source"].str.split("#").str[0])) if ids else []
         failures.append({"expectation": cfg.type, "column": cfg.kwargs.get("column"), "ids": ids, "files": files})
     report = {
+        "suite": str(suite_path),
         "success": bool(result.success),
         "evaluated": len(result.results),
         "failed": len(failures),

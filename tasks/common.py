@@ -79,16 +79,19 @@ def cli(entry: Callable[[dict], dict]) -> None:
     """Run a stage entry function from the command line: clear errors, non-zero exit."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=(entry.__module__ and sys.modules[entry.__module__].__doc__))
+    module = sys.modules[entry.__module__]
+    name = module.__spec__.name if module.__spec__ else entry.__module__  # "tasks.x", not "__main__"
+    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     try:
         summary = entry(load_params())
     except (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
-        print(f"error: {entry.__module__}: {e}", file=sys.stderr)
+        print(f"error: {name}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    log.info("%s done: %s", entry.__module__, summary)
+    log.info("%s done: %s", name, summary)
 
 
 def load_reward(params: dict):

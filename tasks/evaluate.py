@@ -40,7 +40,8 @@ def score_policy(model_dir: str, scenarios, reward, params: dict, name: str) -> 
 def run(params: dict) -> dict:
     paths = params["paths"]
     with stage_run("evaluate", params, ("evaluate", "rollout", "reward", "seed")) as (mlflow, _):
-        scenarios = S.from_frame(pd.read_parquet(f"{paths['prepared']}/eval.parquet"))
+        scenarios = S.subsample(S.from_frame(pd.read_parquet(f"{paths['prepared']}/eval.parquet")),
+                                params["evaluate"]["max_scenarios"], params["seed"])
         reward = load_reward(params)
         base = score_policy(paths["base_model"], scenarios, reward, params, "base")
         trained = score_policy(paths["policy"], scenarios, reward, params, "trained")

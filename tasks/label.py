@@ -1,5 +1,6 @@
 """Stage 2, label: sample a group of conversations per training scenario from the base policy and
-score each with the heuristic reward components.
+score each with the heuristic reward components. At most `label.max_scenarios` training scenarios
+are labelled (a fixed, domain-balanced subset), since generation dominates the stage's time.
 
 Reads the prepared train set and the base model; writes `paths.labels` (one row per conversation:
 scenario, conversation JSON, per-component scores, `score` and `label_source`).
@@ -23,7 +24,8 @@ from tasks.common import cli, log_metrics, stage_run
 def run(params: dict) -> dict:
     paths, p = params["paths"], params["label"]
     with stage_run("label", params, ("label", "rollout", "reward", "seed")) as (mlflow, _):
-        scenarios = S.from_frame(pd.read_parquet(f"{paths['prepared']}/train.parquet"))
+        scenarios = S.subsample(S.from_frame(pd.read_parquet(f"{paths['prepared']}/train.parquet")),
+                                p["max_scenarios"], params["seed"])
         tok = load_tokenizer(paths["base_model"])
         model = load_causal_lm(paths["base_model"], pick_device(params["device"]))
         env = ConversationEnvironment(tok, **params["rollout"])

@@ -1,37 +1,88 @@
-"""Stage 1, prepare: load scenario YAML, validate it with Great Expectations, split train/eval.
+"""Stage 1, prepare: seed scenarios, their seeded expansion and the user's imports, deduplicated,
+validated with Great Expectations and split into train/eval with no scenario family on both sides.
 
-Reads `paths.scenarios`; writes `paths.prepared`/{train,eval}.parquet and validation.json. A failed
-validation exits non-zero, names the files, ids and expectations, and leaves the previous prepared
-data untouched.
+Reads `paths.scenarios` (hand-written seeds), `prepare.sources` (imports, see grpo/imports.py) and
+the GX suite at `paths.expectations`; writes `paths.prepared`/{train,eval}.parquet, validation.json
+(the GX report) and report.json (counts: expanded, imported, near-duplicates dropped, PII masked).
+A failed validation exits non-zero, names the files, ids and expectations, logs the GX report to
+MLflow, and leaves the previous prepared data untouched.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
+import pandas as pd
+
 from grpo import scenarios as S
+from grpo.expand import expand, multi_issue, near_duplicates
+from grpo.imports import import_source
 from grpo.io import atomic_path, write_json
+from grpo.reward_model import load_encoder
 from grpo.validation import ValidationFailed, validate
 from tasks.common import cli, log_metrics, stage_run
 
+log = logging.getLogger(__name__)
+
 
 def run(params: dict) -> dict:
-    p = params["prepare"]
-    with stage_run("prepare", params, ("prepare", "seed")) as (mlflow, _):
-        df = S.to_frame(S.load_dir(params["paths"]["scenarios"]))
+    p, paths, seed = params["prepare"], params["paths"], params["seed"]
+    with stage_run("prepare", params, ("prepare", "seed", "encoder")) as (mlflow, _):
+        seeds = S.load_dir(paths["scenarios"])
+        x = p["expand"]
+        singles = expand(seeds, seed, x["tones"], x["order_states"], x["products"])
+        pii: Counter = Counter()
+        imported = []
+        for source in p.get("sources") or []:
+            scen, counts = import_source(source, p["mask_pii"])
+            log.info("imported %d scenarios from %s (PII masked: %s)", len(scen), source["path"], dict(counts))
+            imported += scen
+            pii.update(counts)
+
+        train, evaluation = S.split(S.to_frame(singles + imported), p["eval_fraction"], seed)
+        seed_ids = {s.id for s in seeds}
+        per_side = {"train": x["multi_issue_per_domain"], "eval": round(x["multi_issue_per_domain"] * p["eval_fraction"])}
+        combos = {side: multi_issue([s for s in S.from_frame(df) if s.id in seed_ids], seed, per_side[side])
+                  for side, df in (("train", train), ("eval", evaluation))}
+        everything = S.to_frame(S.from_frame(train) + combos["train"] + S.from_frame(evaluation) + combos["eval"])
         try:
-            report = validate(df, p)
+            report = validate(everything, paths["expectations"])
         except ValidationFailed as e:
             mlflow.log_dict(e.report, "validation.json")
             mlflow.set_tag("validation", "failed")
             raise
-        train, evaluation = S.split(df, p["eval_fraction"], params["seed"])
-        with atomic_path(params["paths"]["prepared"], is_dir=True) as tmp:
+
+        encoder = load_encoder(params["encoder"])
+        kept, dropped = near_duplicates(S.from_frame(everything),
+                                        lambda t: encoder.encode(t, batch_size=64, show_progress_bar=False),
+                                        p["dedup_threshold"])
+        kept_ids = {s.id for s in kept}
+        train = train[train["id"].isin(kept_ids)]
+        evaluation = evaluation[evaluation["id"].isin(kept_ids)]
+        train = pd.concat([train, S.to_frame([c for c in combos["train"] if c.id in kept_ids])], ignore_index=True)
+        evaluation = pd.concat([evaluation, S.to_frame([c for c in combos["eval"] if c.id in kept_ids])], ignore_index=True)
+        leaked = S.leaked_families(train, evaluation)
+        if leaked:
+            raise ValueError(f"scenario families on both sides of the split: {', '.join(leaked)}")
+
+        summary = {"scenarios": len(train) + len(evaluation), "train": len(train), "eval": len(evaluation),
+                   "seeds": len(seeds), "expanded": len(singles) - len(seeds), "imported": len(imported),
+                   "multi_issue": sum(c.id in kept_ids for side in combos.values() for c in side),
+                   "near_duplicates_dropped": len(dropped), "expectations": report["evaluated"],
+                   "validation_success": int(report["success"]),
+                   **{f"pii_masked_{k}": pii[k] for k in ("email", "phone", "card")}}
+        by_domain = pd.concat([train.assign(split="train"), evaluation.assign(split="eval")])
+        details = {**summary, "per_domain": by_domain.groupby(["domain", "split"]).size().unstack(fill_value=0).to_dict("index"),
+                   "dropped": dropped}
+        with atomic_path(paths["prepared"], is_dir=True) as tmp:
             train.to_parquet(tmp / "train.parquet", index=False)
             evaluation.to_parquet(tmp / "eval.parquet", index=False)
             write_json(tmp / "validation.json", report)
-        summary = {"scenarios": len(df), "train": len(train), "eval": len(evaluation),
-                   "expectations": report["evaluated"], "validation_success": int(report["success"])}
+            write_json(tmp / "report.json", details)
         log_metrics(mlflow, summary)
         mlflow.log_dict(report, "validation.json")
+        mlflow.log_dict(details, "prepare_report.json")
     return summary
 
 

@@ -26,10 +26,10 @@ def val_scenarios(ids: list[str], fraction: float, seed: int) -> set[str]:
 
 def run(params: dict) -> dict:
     paths, p = params["paths"], params["train_reward"]
-    with stage_run("train_reward", params, ("train_reward", "seed")) as (mlflow, _):
+    with stage_run("train_reward", params, ("train_reward", "encoder", "seed")) as (mlflow, _):
         df = pd.read_parquet(paths["labels"])
         held = df["scenario_id"].isin(val_scenarios(df["scenario_id"].tolist(), p["val_fraction"], params["seed"]))
-        rm = RewardModel.create(p["encoder"], p["hidden"], p["max_tokens"], params["seed"], str(pick_device(params["device"])))
+        rm = RewardModel.create(params["encoder"], p["hidden"], p["max_tokens"], params["seed"], str(pick_device(params["device"])))
         x = rm.embed([json.loads(c) for c in df["conversation"]])
         y = torch.tensor(df["score"].to_numpy(), dtype=torch.float32)
         va = torch.tensor(held.to_numpy())

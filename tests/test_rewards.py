@@ -4,7 +4,7 @@ import pytest
 from grpo import rewards as R
 from grpo.scenarios import Scenario
 
-SCEN = Scenario(id="s", domain="customer_service", persona="p", opening="o", followups=["f"],
+SCEN = Scenario(id="s", domain="customer_service", persona="p", goal="g", opening="o", followups=["f"],
                 expected_behaviours=["b"], keywords=["refund", "order", "tracking number"])
 
 

@@ -5,8 +5,8 @@ from grpo.rollout import ConversationEnvironment, Trajectory, encode, render, us
 from grpo.scenarios import Scenario
 
 SCEN = [
-    Scenario(id="a", domain="sales", persona="p", opening="Which plan should I pick?", followups=["Thanks.", "And yearly?"]),
-    Scenario(id="b", domain="tutoring", persona="p", opening="What is 1/3 + 1/4?", followups=[]),
+    Scenario(id="a", domain="sales", persona="p", goal="g", opening="Which plan should I pick?", followups=["Thanks.", "And yearly?"]),
+    Scenario(id="b", domain="tutoring", persona="p", goal="g", opening="What is 1/3 + 1/4?", followups=[]),
 ]
 
 

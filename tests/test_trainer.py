@@ -7,7 +7,7 @@ from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
 from grpo.trainer import GRPOConfig, add_lora, train
 
-SCEN = [Scenario(id=f"s{i}", domain="sales", persona="p", opening=f"Question {i}?", followups=["More?"]) for i in range(3)]
+SCEN = [Scenario(id=f"s{i}", domain="sales", persona="p", goal="g", opening=f"Question {i}?", followups=["More?"]) for i in range(3)]
 
 
 def test_config_rejects_unknown_params():

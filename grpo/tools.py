@@ -1,0 +1,137 @@
+"""Tools a scenario can give the agent, executed against the scenario's own backend data.
+
+A scenario names its tools (``tools: [check_order_status, process_refund]``) and carries the data
+they read and write (``backend: {orders: {...}}``). :data:`TOOLS` is the registry: each tool has a
+JSON-schema description (the form chat templates and OpenAI's API take) and the backend table it
+needs; :func:`call_tool` runs one call on a copy-per-episode of the backend and returns the text of
+the tool message. Bad calls (unknown tool, wrong arguments, unknown ids) return an error text rather
+than raising, so an episode never crashes on a malformed call.
+
+Backend tables:
+
+==================  ================================================================================
+table               shape
+==================  ================================================================================
+orders              ``{order_id: {status, items, total, refundable, refunded?}}``
+accounts            ``{account_id: {name, plan, balance, ...}}``
+knowledge_base      ``[{title, text}]``
+tickets             ``[{summary, priority}]`` (written by ``create_ticket``; may start empty)
+==================  ================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+
+class ToolError(ValueError):
+    """A tool call that cannot be executed; its message goes back to the agent."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict          # JSON schema of the arguments
+    table: str | None         # backend table the tool needs to exist, None if it creates it
+    run: Callable[[dict, dict], dict]
+
+    def schema(self) -> dict:
+        """OpenAI / chat-template function description."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+def _obj(**props: str) -> dict:
+    return {"type": "object", "properties": {k: {"type": "string", "description": v} for k, v in props.items()},
+            "required": list(props)}
+
+
+def _order(backend: dict, args: dict) -> tuple[str, dict]:
+    oid = str(args.get("order_id", "")).strip().lstrip("#")
+    orders = backend.get("orders", {})
+    if oid not in orders:
+        raise ToolError(f"no order {oid!r}; known orders: {', '.join(sorted(orders)) or 'none'}")
+    return oid, orders[oid]
+
+
+def check_order_status(backend: dict, args: dict) -> dict:
+    oid, order = _order(backend, args)
+    return {"order_id": oid, **{k: v for k, v in order.items() if k != "refundable"}}
+
+
+def process_refund(backend: dict, args: dict) -> dict:
+    oid, order = _order(backend, args)
+    if order.get("refunded"):
+        raise ToolError(f"order {oid} was already refunded")
+    if not order.get("refundable", False):
+        raise ToolError(f"order {oid} is not eligible for a refund (status {order.get('status')!r})")
+    order["refunded"] = True
+    return {"order_id": oid, "refunded": order.get("total"), "status": "refund issued, 3-5 business days"}
+
+
+def lookup_account(backend: dict, args: dict) -> dict:
+    aid = str(args.get("account_id", "")).strip()
+    accounts = backend.get("accounts", {})
+    if aid not in accounts:
+        raise ToolError(f"no account {aid!r}")
+    return {"account_id": aid, **accounts[aid]}
+
+
+def search_knowledge_base(backend: dict, args: dict) -> dict:
+    query = set(re.findall(r"[a-z0-9]+", str(args.get("query", "")).lower()))
+    if not query:
+        raise ToolError("query must not be empty")
+    articles = backend.get("knowledge_base", [])
+    scored = sorted(articles, key=lambda a: -len(query & set(re.findall(r"[a-z0-9]+", (a["title"] + " " + a["text"]).lower()))))
+    return {"results": scored[:2]}
+
+
+def create_ticket(backend: dict, args: dict) -> dict:
+    summary = str(args.get("summary", "")).strip()
+    if not summary:
+        raise ToolError("summary must not be empty")
+    tickets = backend.setdefault("tickets", [])
+    tickets.append({"summary": summary, "priority": str(args.get("priority", "normal"))})
+    return {"ticket_id": f"T-{len(tickets):04d}", "status": "open"}
+
+
+TOOLS: dict[str, Tool] = {t.name: t for t in [
+    Tool("check_order_status", "Look up an order's status, items and total.", _obj(order_id="the order number"),
+         "orders", check_order_status),
+    Tool("process_refund", "Refund an order in full if it is eligible.", _obj(order_id="the order number"),
+         "orders", process_refund),
+    Tool("lookup_account", "Look up a customer account.", _obj(account_id="the account id"),
+         "accounts", lookup_account),
+    Tool("search_knowledge_base", "Search help articles and the product catalogue.", _obj(query="search words"),
+         "knowledge_base", search_knowledge_base),
+    Tool("create_ticket", "Open a support ticket for follow-up by a specialist.",
+         _obj(summary="what the problem is", priority="low, normal or high"), None, create_ticket),
+]}
+
+
+def unresolved(tools: list[str], backend: dict) -> tuple[list[str], list[str]]:
+    """(tools not in the registry, tools whose backend table is missing) for a scenario."""
+    unknown = [t for t in tools if t not in TOOLS]
+    unbacked = [t for t in tools if t in TOOLS and TOOLS[t].table and TOOLS[t].table not in backend]
+    return unknown, unbacked
+
+
+def call_tool(name: str, arguments: dict | str, allowed: list[str], backend: dict) -> tuple[str, bool]:
+    """Execute one call; return (tool message text, success). Never raises on a bad call."""
+    try:
+        if name not in allowed:
+            raise ToolError(f"unknown tool {name!r}; available: {', '.join(allowed) or 'none'}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except json.JSONDecodeError as e:
+                raise ToolError(f"arguments are not valid JSON: {e.msg}") from None
+        if not isinstance(arguments, dict):
+            raise ToolError("arguments must be a JSON object")
+        return json.dumps(TOOLS[name].run(backend, arguments)), True
+    except ToolError as e:
+        return json.dumps({"error": str(e)}), False
