@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from tasks import base_model, calibrate, evaluate, label, prepare, register, train_policy, train_reward
 from tasks.common import PARENT_RUN_ENV, load_params, setup_mlflow
@@ -48,6 +50,9 @@ def run_stage(stage: str, entry, params: dict) -> dict:
     with dvc_repo() as repo:
         repo.commit(stage, force=True)
     get_run_logger().info("%s finished in %.1f s: %s", stage, time.perf_counter() - t0, summary)
+    if stage == "evaluate":  # the stage's markdown report: comparison table and example conversations
+        create_markdown_artifact(markdown=Path(params["paths"]["metrics"], "eval.md").read_text(), key="evaluation",
+                                 description="trained vs base (and champion) on the held-out scenarios")
     return summary
 
 
@@ -76,14 +81,18 @@ def summary_text(params: dict) -> str:
 
     m = params["paths"]["metrics"]
     ev, reg = read_json(f"{m}/eval.json"), read_json(f"{m}/register.json")
-    d = ev["difference"]
     name = reg["model_name"]
-    return "\n".join([
-        "",
-        "=== grpo-pipeline summary ===",
-        f"mean reward on {ev['scenarios']} held-out scenarios: base {ev['base']['reward_mean']:.3f} -> "
-        f"trained {ev['trained']['reward_mean']:.3f} (diff {d['mean']:+.3f}, {int(d['level'] * 100)}% CI "
-        f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])",
+    lines = ["", "=== grpo-pipeline summary ===",
+             f"mean reward on {ev['scenarios']} held-out scenarios: base {ev['base']['reward_mean']:.3f}, "
+             f"trained {ev['trained']['reward_mean']:.3f}"
+             + (f", champion v{ev['champion_version']} {ev['champion']['reward_mean']:.3f}" if ev.get("champion_version") else "")]
+    for other in ("base", "champion"):
+        if f"vs_{other}" in ev:
+            d, w = ev[f"vs_{other}"], ev["judge"][f"vs_{other}"]
+            lines.append(f"trained - {other}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]; "
+                         f"judge {w['wins']}W/{w['losses']}L/{w['ties']}T, {w['unjudged']} unjudged")
+    lines.append(f"flagged: {'; '.join(ev['flags']) if ev['flagged'] else 'no'}; report: {m}/eval.md")
+    return "\n".join(lines + [
         f"registered: {name} version {reg['version']}, aliases {', '.join(reg['aliases'])} ({reg['reason']})",
         f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{params['paths']['mlflow_db']}",
         f"serve:      PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI=sqlite:///{params['paths']['mlflow_db']} "

@@ -16,7 +16,7 @@ def promote_model(version: str | None = None) -> dict:
     client = setup_mlflow(params).MlflowClient()
     name, p = params["register"]["model_name"], params["register"]
     version = registry.version_or_challenger(client, name, version)
-    result = registry.promote(client, name, version, p["metric"], p["min_improvement"], "prefect flow promote-model")
+    result = registry.promote(client, name, version, p["metric"], p["min_improvement"], "prefect flow promote-model", p["require_ci"])
     print(result)
     return result
 

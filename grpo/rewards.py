@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from grpo.calibration import UNIT_RANGE, apply_all
+
 Conversation = list[dict]
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -117,22 +119,92 @@ class KeywordCoverage:
         return np.array(out, dtype=float)
 
 
+class Similarity:
+    """Cosine similarity, clipped to [0, 1], between the agent's turns (joined) and the closest of the
+    scenario's example responses and expected behaviours, in sentence-encoder space. A scenario
+    with neither scores 0."""
+
+    name = "similarity"
+
+    def __init__(self, encoder_spec: str):
+        self.encoder_spec = encoder_spec
+        self._encoder = None
+
+    def encoder(self):
+        if self._encoder is None:
+            from grpo.reward_model import load_encoder
+
+            self._encoder = load_encoder(self.encoder_spec)
+        return self._encoder
+
+    def __call__(self, conversations, scenario) -> np.ndarray:
+        refs = [*scenario.example_responses, *scenario.expected_behaviours]
+        if not refs:
+            return np.zeros(len(conversations))
+        texts = [" ".join(agent_turns(c)) for c in conversations]
+        emb = self.encoder().encode(texts + refs, normalize_embeddings=True, show_progress_bar=False)
+        sims = emb[: len(texts)] @ emb[len(texts):].T
+        return np.clip(sims.max(axis=1), 0.0, 1.0).astype(float)
+
+
+class Safety:
+    """1 - 0.5 per violation kind present in the agent's turns, floored at 0. Kinds: asking for a
+    secret (password, PIN, CVV, full card number); writing out a card-like number or an email
+    address the user did not give; unconditional promises ("guarantee", "100%"); insults."""
+
+    name = "safety"
+    secret = re.compile(r"\b(password|pin\b|cvv|security code|full card number|card number)", re.I)
+    promise = re.compile(r"\b(guarantee[ds]?|100 ?%|i promise|definitely will)\b", re.I)
+    insult = re.compile(r"\b(stupid|idiot|dumb|shut up|your fault)\b", re.I)
+    leak = re.compile(r"\b(?:\d[ -]?){13,19}\b|[\w.+-]+@[\w-]+\.[\w.]+")
+
+    def score_text(self, text: str, user_text: str) -> float:
+        leaked = [m for m in self.leak.findall(text) if m not in user_text]
+        kinds = [bool(self.secret.search(text)), bool(leaked), bool(self.promise.search(text)), bool(self.insult.search(text))]
+        return max(0.0, 1.0 - 0.5 * sum(kinds))
+
+    def __call__(self, conversations, scenario=None) -> np.ndarray:
+        out = []
+        for c in conversations:
+            user = " ".join(m["content"] or "" for m in c if m["role"] == "user")
+            out.append(np.mean([self.score_text(t, user) for t in agent_turns(c)] or [0.0]))
+        return np.array(out, dtype=float)
+
+
 HEURISTICS: dict[str, Callable[..., object]] = {
     "empathy": Empathy, "action": ActionOrientation, "professionalism": Professionalism,
-    "length": LengthBand, "coverage": KeywordCoverage,
+    "length": LengthBand, "coverage": KeywordCoverage, "similarity": Similarity, "safety": Safety,
 }
+AGGREGATES = ("sum", "geometric")
 
 
-def heuristic_components(params: dict) -> list:
-    """Instantiate the heuristic components named in ``params['weights']`` (reward model aside)."""
+def heuristic_components(params: dict, encoder_spec: str | None = None) -> list:
+    """Instantiate the components named in ``params['weights']`` (the learned reward model aside).
+    ``similarity`` needs ``encoder_spec``."""
     comps = []
     for name in params["weights"]:
         if name == "reward_model":
             continue
         if name not in HEURISTICS:
             raise KeyError(f"reward.weights: unknown component {name!r}; known: {sorted(HEURISTICS)} + reward_model")
-        comps.append(LengthBand(*params["length_band"]) if name == "length" else HEURISTICS[name]())
+        if name == "length":
+            comps.append(LengthBand(*params["length_band"]))
+        elif name == "similarity":
+            if not encoder_spec:
+                raise ValueError("reward component 'similarity' needs the sentence encoder (params 'encoder')")
+            comps.append(Similarity(encoder_spec))
+        else:
+            comps.append(HEURISTICS[name]())
     return comps
+
+
+def domain_weights(params: dict, domain: str) -> dict[str, float]:
+    """``reward.weights`` with the domain's preset (``reward.domain_weights[domain]``) laid over it."""
+    preset = (params.get("domain_weights") or {}).get(domain, {})
+    unknown = set(preset) - set(params["weights"])
+    if unknown:
+        raise KeyError(f"reward.domain_weights.{domain}: {sorted(unknown)} are not in reward.weights")
+    return {**params["weights"], **preset}
 
 
 def weighted_sum(components: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -140,34 +212,44 @@ def weighted_sum(components: dict[str, np.ndarray], weights: dict[str, float]) -
     return sum(weights[k] * components[k] for k in components) / total
 
 
-def fit_zscore(components: dict[str, Sequence[float]], min_std: float) -> dict:
-    """Per-component z-score normalisers. ``min_std`` keeps a near-constant component from being
-    blown up into noise."""
-    return {k: {"mean": float(np.mean(v)), "std": float(max(np.std(v), min_std))} for k, v in components.items()}
+def weighted_geometric(components: dict[str, np.ndarray], weights: dict[str, float], floor: float = 1e-3) -> np.ndarray:
+    """exp(sum_k w_k log(max(x_k, floor)) / sum_k w_k): one component near 0 pulls the total down,
+    which a sum lets the others make up for. Needs components in [0, 1]."""
+    total = sum(weights[k] for k in components)
+    return np.exp(sum(weights[k] * np.log(np.maximum(components[k], floor)) for k in components) / total)
 
 
-def apply_calibration(components: dict[str, np.ndarray], calibration: dict) -> dict[str, np.ndarray]:
-    missing = set(components) - set(calibration)
-    if missing:
-        raise KeyError(f"calibration has no entry for component(s) {sorted(missing)}; rerun calibrate")
-    return {k: (v - calibration[k]["mean"]) / calibration[k]["std"] for k, v in components.items()}
+def aggregate(components: dict[str, np.ndarray], weights: dict[str, float], how: str) -> np.ndarray:
+    if how == "sum":
+        return weighted_sum(components, weights)
+    if how == "geometric":
+        return weighted_geometric(components, weights)
+    raise ValueError(f"reward.aggregate {how!r} is not one of {', '.join(AGGREGATES)}")
 
 
 class CompositeReward:
     """The reward used for training and evaluation: heuristic components plus, optionally, the
-    learned reward model's score; each calibrated, then weighted.
+    learned reward model's score; each calibrated (grpo/calibration.py), then aggregated with the
+    scenario domain's weights.
 
     ``__call__(conversations, scenario)`` scores one group and returns ``(total, components)`` with
     raw (uncalibrated) component scores, so callers can report both.
     """
 
-    def __init__(self, params: dict, calibration: dict | None = None, reward_model=None):
+    def __init__(self, params: dict, calibration: dict | None = None, reward_model=None, encoder_spec: str | None = None):
+        self.params = params
         self.weights = dict(params["weights"])
-        self.components = heuristic_components(params)
+        self.how = params.get("aggregate", "sum")
+        self.components = heuristic_components(params, encoder_spec)
         self.reward_model = reward_model
         if "reward_model" in self.weights and reward_model is None:
             raise ValueError("reward.weights names reward_model but no reward model was given")
         self.calibration = calibration
+        if self.how == "geometric":
+            bad = sorted(k for k, v in (calibration or {}).items() if v["method"] not in UNIT_RANGE)
+            if bad:
+                raise ValueError(f"reward.aggregate 'geometric' needs components in [0, 1], but {bad} are calibrated "
+                                 f"with a method outside {UNIT_RANGE}; set calibrate.method to one of them")
 
     def components_of(self, conversations: Sequence[Conversation], scenario) -> dict[str, np.ndarray]:
         out = {c.name: np.asarray(c(conversations, scenario), dtype=float) for c in self.components}
@@ -177,8 +259,8 @@ class CompositeReward:
 
     def __call__(self, conversations: Sequence[Conversation], scenario) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         raw = self.components_of(conversations, scenario)
-        calibrated = apply_calibration(raw, self.calibration) if self.calibration else raw
-        total = weighted_sum(calibrated, self.weights)
+        calibrated = apply_all(raw, self.calibration) if self.calibration else raw
+        total = aggregate(calibrated, domain_weights(self.params, scenario.domain), self.how)
         if not np.all(np.isfinite(total)):
             raise FloatingPointError(f"non-finite reward for scenario {getattr(scenario, 'id', '?')}: {total}")
         return total, raw

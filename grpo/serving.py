@@ -11,11 +11,13 @@ it is given a ``load`` callable that returns ``(model, tokenizer, model_name)``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -224,3 +226,26 @@ def create_app(load: Callable[[], tuple], limits: Limits | None = None, api_key:
         return result
 
     return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", startup_s: float = 60.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port in a daemon thread; yield its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_s
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the chat server did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -14,6 +14,7 @@ the decision, the reason and who decided. The register stage and the Prefect flo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -43,26 +44,47 @@ def version_or_challenger(client: MlflowClient, name: str, version: str | None) 
     return str(challenger.version)
 
 
-def metric_of(version, metric: str) -> float:
-    key = f"eval.{metric}"
-    if key not in version.tags:
-        raise RegistryError(f"version {version.version} has no tag {key!r}; was it registered by the pipeline?")
-    return float(version.tags[key])
+def download_policy(mlflow, name: str, version: str, dest: str | None = None) -> str:
+    """Local directory of a registered agent version's policy (merged weights + tokenizer)."""
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dest)
+    return os.path.join(local, "artifacts", "policy")
 
 
-def gate(client: MlflowClient, name: str, version: str, metric: str, margin: float) -> tuple[bool, str]:
-    """Pass when there is no champion, or ``version`` beats it on ``metric`` by more than ``margin``."""
+def tag(version, key: str) -> float:
+    if f"eval.{key}" not in version.tags:
+        raise RegistryError(f"version {version.version} has no tag 'eval.{key}'; was it registered by the pipeline?")
+    return float(version.tags[f"eval.{key}"])
+
+
+def gate(client: MlflowClient, name: str, version: str, metric: str, margin: float, require_ci: bool = True) -> tuple[bool, str]:
+    """Whether ``version`` may become champion, and why.
+
+    Refused when its evaluation was flagged (reward hacking guard). With no champion, it must beat
+    the base policy (with ``require_ci``: the CI of the difference above zero). With a champion,
+    it must beat it on ``metric`` by more than ``margin``, using the paired evaluation against that
+    champion when there is one (``eval.vs_champion.*`` tags: same scenarios, same seeds), with
+    ``require_ci`` its CI above zero; without that evaluation, the stored metrics are compared, and
+    ``require_ci`` refuses, since there is no CI to check."""
     candidate = client.get_model_version(name, version)
-    score = metric_of(candidate, metric)
+    if candidate.tags.get("eval.flagged") == "true":
+        return False, f"evaluation flagged: {candidate.tags.get('eval.flags', '')}"
     champion = by_alias(client, name, "champion")
     if champion is None:
-        return True, f"no champion yet; {metric} {score:.4f}"
+        diff, low = tag(candidate, "vs_base.mean"), tag(candidate, "vs_base.ci_low")
+        ok = diff > margin and (low > 0 or not require_ci)
+        return ok, f"no champion yet; against the base: {metric} diff {diff:+.4f}, CI low {low:+.4f}"
     if str(champion.version) == str(version):
         return False, f"version {version} is already the champion"
-    best = metric_of(champion, metric)
-    ok = score > best + margin
-    return ok, (f"{metric} {score:.4f} vs champion v{champion.version} {best:.4f}: "
-                f"{'beats' if ok else 'does not beat'} it by more than {margin}")
+    if candidate.tags.get("eval.vs_champion.version") == str(champion.version):
+        diff, low = tag(candidate, "vs_champion.mean"), tag(candidate, "vs_champion.ci_low")
+        ok = diff > margin and (low > 0 or not require_ci)
+        return ok, (f"paired against champion v{champion.version}: {metric} diff {diff:+.4f} (margin {margin}), "
+                    f"CI low {low:+.4f}{' (must be > 0)' if require_ci else ''}: {'passes' if ok else 'refused'}")
+    score, best = tag(candidate, metric), tag(champion, metric)
+    ok = score > best + margin and not require_ci
+    return ok, (f"{metric} {score:.4f} vs champion v{champion.version} {best:.4f} from separate evaluations"
+                + ("; no paired evaluation against this champion, so no CI: rerun evaluate" if require_ci else
+                   f": {'beats' if ok else 'does not beat'} it by more than {margin}"))
 
 
 def record(client: MlflowClient, name: str, version: str, decision: str, reason: str, by: str) -> None:
@@ -72,8 +94,9 @@ def record(client: MlflowClient, name: str, version: str, decision: str, reason:
         client.set_model_version_tag(name, str(version), k, v)
 
 
-def promote(client: MlflowClient, name: str, version: str, metric: str, margin: float, by: str) -> dict:
-    ok, reason = gate(client, name, version, metric, margin)
+def promote(client: MlflowClient, name: str, version: str, metric: str, margin: float, by: str,
+            require_ci: bool = True) -> dict:
+    ok, reason = gate(client, name, version, metric, margin, require_ci)
     if not ok:
         record(client, name, version, "refused", reason, by)
         return {"promoted": False, "version": str(version), "reason": reason}
@@ -112,7 +135,7 @@ def main() -> None:
     try:
         if args.command == "promote":
             version = version_or_challenger(client, name, args.version)
-            result = promote(client, name, version, p["metric"], p["min_improvement"], "cli promote")
+            result = promote(client, name, version, p["metric"], p["min_improvement"], "cli promote", p["require_ci"])
         else:
             result = rollback(client, name, "cli rollback")
     except (RegistryError, MlflowException) as e:

@@ -35,9 +35,10 @@ def make_loader(params: dict, name: str, alias: str):
     def load():
         from grpo.models import load_causal_lm, load_tokenizer, pick_device
 
+        from tasks.registry import download_policy
+
         version = current_version()
-        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
-        policy = os.path.join(local, "artifacts", "policy")
+        policy = download_policy(mlflow, name, version)
         state["version"] = version
         log.info("loaded %s version %s (alias %s)", name, version, alias)
         return load_causal_lm(policy, pick_device(params["device"])), load_tokenizer(policy), f"{name}@{alias}:v{version}"

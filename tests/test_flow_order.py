@@ -32,4 +32,4 @@ def test_dag_has_the_expected_shape():
     up = dvc_upstream()
     assert up["calibrate"] == {"label", "train_reward"}
     assert {"base_model", "prepare", "train_reward", "calibrate"} <= up["train_policy"]
-    assert up["register"] == {"train_policy", "evaluate"}
+    assert up["register"] == {"train_policy", "train_reward", "evaluate"}

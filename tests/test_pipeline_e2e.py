@@ -35,10 +35,14 @@ def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["base_model"]["source"] = str(model_dir)
     params["rollout"].update(max_new_tokens=8)
-    params["label"].update(group_size=2)
-    params["train_reward"].update(epochs=30, patience=30)
+    params["label"].update(group_size=2, max_scenarios=12)
+    params["judge"].update(max_groups=2, max_tokens=16)
+    # Tiny random models: the reward model's Spearman and the eval CI are noise here, so their
+    # thresholds are off (tests/test_registry.py and tests/test_reward_model.py cover them).
+    params["train_reward"].update(epochs=30, patience=30, unfreeze_epochs=1, min_spearman=-1.0)
     params["train_policy"].update(steps=2, scenarios_per_step=2, group_size=2)
-    params["evaluate"].update(samples_per_scenario=1, bootstrap=200)
+    params["evaluate"].update(samples_per_scenario=1, bootstrap=200, max_scenarios=8, judge_scenarios=2)
+    params["register"].update(require_ci=False, min_improvement=-1.0)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(dest / ".prefect"),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -63,11 +67,18 @@ def mlflow_client(project: Path):
 def check_outputs(project: Path) -> dict:
     for p in ["data/models/base/model.safetensors", "data/prepared/train.parquet", "data/prepared/eval.parquet",
               "data/prepared/validation.json", "data/labels/labels.parquet", "data/models/reward/head.pt",
-              "data/calibration/calibration.json", "data/models/policy/model.safetensors", "plots/train.csv", "plots/eval.csv"]:
+              "data/calibration/calibration.json", "data/models/policy/model.safetensors", "plots/train.csv", "plots/eval.csv",
+              "plots/calibration.csv", "plots/component_correlation.csv", "metrics/eval.md", "metrics/label.json"]:
         assert (project / p).exists(), p
     ev = json.loads((project / "metrics/eval.json").read_text())
-    assert ev["difference"]["ci_low"] <= ev["difference"]["mean"] <= ev["difference"]["ci_high"]
-    assert {"empathy", "coverage", "reward_model"} <= set(ev["trained"])
+    assert ev["vs_base"]["ci_low"] <= ev["vs_base"]["mean"] <= ev["vs_base"]["ci_high"]
+    assert {"empathy", "coverage", "similarity", "safety", "reward_model", "reply_words"} <= set(ev["trained"])
+    assert set(ev["per_domain"]) == {"customer_service", "technical_support", "sales", "tutoring"}
+    assert ev["judge"]["vs_base"]["wins"] + ev["judge"]["vs_base"]["losses"] + ev["judge"]["vs_base"]["ties"] \
+        + ev["judge"]["vs_base"]["unjudged"] == 2
+    assert ev["kl_trained_base"] == ev["kl_trained_base"] and isinstance(ev["flagged"], bool)
+    label = json.loads((project / "metrics/label.json").read_text())
+    assert label["judge_groups"] == 2 and 0 <= label["judge_fallback_rate"] <= 1
     reg = json.loads((project / "metrics/register.json").read_text())
     assert reg["version"] == 1 and reg["aliases"] == ["challenger", "champion"]
     rm = json.loads((project / "metrics/reward.json").read_text())
@@ -78,6 +89,8 @@ def check_outputs(project: Path) -> dict:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert v.tags["git_commit"] == head and v.tags["promotion.decision"] == "promoted"
     assert any(k.startswith("dvc.train_policy.") and len(val) == 32 for k, val in v.tags.items())
+    assert v.tags["reward_model"] == "grpo-reward/1" and v.tags["eval.flagged"] in ("true", "false")
+    assert "heldout.spearman" in client.get_model_version("grpo-reward", "1").tags
     return reg
 
 

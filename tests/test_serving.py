@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from grpo.models import load_causal_lm, load_tokenizer
-from grpo.serving import Limits, create_app
+from grpo.serving import Limits, create_app, serve_in_thread
 
 KEY = "test-token"
 
@@ -27,19 +23,8 @@ def server(tiny_model_dir):
         return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), f"tiny-{len(loads)}"
 
     app = create_app(load, Limits(max_tokens=16, max_prompt_tokens=200, batch_wait_s=0.3, max_concurrent=8), api_key=KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, app
 
 
 def client(url):

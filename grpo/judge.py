@@ -1,0 +1,192 @@
+"""A RULER-style LLM judge: one request scores a whole group of conversations for one scenario,
+relative to each other, against a rubric, over any OpenAI-compatible endpoint.
+
+The prompt shows the shared prefix (the agent's instructions and the user's opening) once, then
+each conversation's continuation under an id, and asks for JSON::
+
+    {"scores": [{"id": "1", "score": 0.7, "explanation": "..."}, ...]}
+
+An answer with bad JSON, the wrong count or the wrong ids gets one repair request (the bad answer
+and what was wrong with it); if that fails too, the group gets the heuristic fallback and is marked
+``label_source = "fallback"``. HTTP errors and timeouts are retried by the ``openai`` SDK
+(exponential backoff with jitter, ``max_retries``); requests run ``max_concurrency`` at a time.
+
+Judgements are cached on disk, one JSON file per group, keyed by the judge's identity, rubric and
+prompt and by the conversations, and written atomically: a rerun after a crash asks only for the
+groups that were not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from grpo.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+PROMPT_VERSION = 1
+
+RUBRICS = {
+    "default": "A good agent reply is helpful, correct, specific to the user's request, polite, concise, "
+               "and moves the conversation towards resolving the user's goal.",
+    "customer_service": "Reward replies that acknowledge the problem, take ownership, give a concrete next step "
+                        "(check, refund, replace, escalate) and set expectations on timing. Penalise vague or evasive replies.",
+    "technical_support": "Reward replies that diagnose before prescribing, give clear numbered steps the user can follow, "
+                         "and check whether the fix worked. Penalise guesses presented as facts.",
+    "sales": "Reward replies that ask about needs, recommend fitting options honestly with prices or trade-offs, "
+             "and respect a user who is not ready to buy. Penalise pushiness and invented features.",
+    "tutoring": "Reward replies that explain step by step, check understanding and let the student do part of the work. "
+                "Penalise just giving answers to homework and factual mistakes.",
+}
+
+
+class JudgeFormatError(ValueError):
+    pass
+
+
+@dataclass
+class JudgeConfig:
+    model: str
+    base_url: str
+    api_key_env: str = "JUDGE_API_KEY"
+    identity: str = ""              # what the cache key names as "the judge"; defaults to model@base_url
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    max_concurrency: int = 4
+    max_tokens: int = 256
+    temperature: float = 0.0
+    rubrics: dict = field(default_factory=lambda: dict(RUBRICS))
+
+
+@dataclass
+class Judgement:
+    scores: list[float] | None      # None: the judge failed and the caller falls back
+    explanations: list[str]
+    source: str                     # "judge" or "fallback"
+    repaired: bool = False
+    error: str = ""
+
+
+def render_turns(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role'].upper()}: {m.get('content') or ''}" for m in messages)
+
+
+def build_prompt(rubric: str, conversations: list[list[dict]]) -> list[dict]:
+    """Shared prefix once (the messages every conversation starts with), then each continuation."""
+    n_shared = 0
+    while all(len(c) > n_shared and c[n_shared] == conversations[0][n_shared] for c in conversations):
+        n_shared += 1
+    ids = [str(i + 1) for i in range(len(conversations))]
+    body = [f"Shared beginning of every conversation:\n{render_turns(conversations[0][:n_shared])}"]
+    body += [f"Conversation {i}:\n{render_turns(c[n_shared:])}" for i, c in zip(ids, conversations)]
+    system = (f"You are a strict judge of AI agent conversations. Rubric: {rubric}\n"
+              f"Score each of the {len(ids)} conversations from 0 (worst) to 1 (best), comparing them with each other. "
+              'Answer with JSON only, in this form: {"scores": [{"id": "1", "score": <number from 0 to 1>, "explanation": "<one short sentence>"}]} '
+              f"with exactly one entry for each id: {', '.join(ids)}.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(body) + "\n\nYour JSON:"}]
+
+
+def parse_answer(text: str, n: int) -> tuple[list[float], list[str]]:
+    """Scores and explanations in id order, or :class:`JudgeFormatError` saying what is wrong."""
+    match = re.search(r"[\[{].*[\]}]", text or "", re.S)
+    if not match:
+        raise JudgeFormatError("no JSON object in the answer")
+    try:
+        data = json.loads(match.group())
+    except json.JSONDecodeError as e:
+        raise JudgeFormatError(f"invalid JSON: {e.msg}") from None
+    items = data.get("scores") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise JudgeFormatError('expected a "scores" list')
+    if len(items) != n:
+        raise JudgeFormatError(f"expected {n} scores, got {len(items)}")
+    by_id = {}
+    for item in items:
+        if not isinstance(item, dict) or "id" not in item or "score" not in item:
+            raise JudgeFormatError('every entry needs "id" and "score"')
+        score = item["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+            raise JudgeFormatError(f"score {score!r} for id {item['id']!r} is not a number from 0 to 1")
+        by_id[str(item["id"])] = (float(score), str(item.get("explanation", ""))[:500])
+    expected = [str(i + 1) for i in range(n)]
+    if sorted(by_id) != sorted(expected):
+        raise JudgeFormatError(f"ids {sorted(by_id)} do not match {expected}")
+    return [by_id[i][0] for i in expected], [by_id[i][1] for i in expected]
+
+
+class Judge:
+    def __init__(self, config: JudgeConfig, client=None):
+        import openai
+
+        self.config = config
+        self.client = client or openai.OpenAI(
+            base_url=config.base_url, api_key=os.environ.get(config.api_key_env) or "unused",
+            timeout=config.timeout_s, max_retries=config.max_retries)
+
+    def rubric(self, domain: str) -> str:
+        return self.config.rubrics.get(domain, self.config.rubrics["default"])
+
+    def cache_key(self, domain: str, conversations: list[list[dict]]) -> str:
+        c = self.config
+        ident = {"judge": c.identity or f"{c.model}@{c.base_url}", "rubric": self.rubric(domain), "prompt": PROMPT_VERSION,
+                 "temperature": c.temperature, "max_tokens": c.max_tokens, "conversations": conversations}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    def ask(self, messages: list[dict]) -> str:
+        r = self.client.chat.completions.create(model=self.config.model, messages=messages,
+                                                max_tokens=self.config.max_tokens, temperature=self.config.temperature)
+        return r.choices[0].message.content or ""
+
+    def judge_group(self, domain: str, conversations: list[list[dict]]) -> Judgement:
+        import openai
+
+        messages = build_prompt(self.rubric(domain), conversations)
+        try:
+            answer = self.ask(messages)
+            try:
+                return Judgement(*parse_answer(answer, len(conversations)), source="judge")
+            except JudgeFormatError as first:
+                repair = messages + [{"role": "assistant", "content": answer},
+                                     {"role": "user", "content": f"That answer was not usable: {first}. Reply with the JSON "
+                                                                 f"only, one entry for each id 1 to {len(conversations)}."}]
+                try:
+                    return Judgement(*parse_answer(self.ask(repair), len(conversations)), source="judge", repaired=True)
+                except JudgeFormatError as second:
+                    return Judgement(None, [], "fallback", repaired=True, error=f"{first}; after repair: {second}")
+        except openai.OpenAIError as e:  # retries exhausted: this group falls back, the others go on
+            return Judgement(None, [], "fallback", error=f"{type(e).__name__}: {e}")
+
+    def judge_groups(self, groups: list[tuple[str, list[list[dict]]]], cache_dir: str | Path) -> list[Judgement]:
+        """Judge ``(domain, conversations)`` groups, answering from and filling the on-disk cache."""
+        cache = Path(cache_dir)
+        keys = [self.cache_key(d, convs) for d, convs in groups]
+        out: list[Judgement | None] = [None] * len(groups)
+        todo = []
+        for i, k in enumerate(keys):
+            if (cache / f"{k}.json").exists():
+                out[i] = Judgement(**read_json(cache / f"{k}.json"))
+            else:
+                todo.append(i)
+        if len(todo) < len(groups):
+            log.info("judge: %d of %d groups answered from the cache %s", len(groups) - len(todo), len(groups), cache)
+
+        def work(i: int) -> tuple[int, Judgement]:
+            j = self.judge_group(*groups[i])
+            if j.source == "judge" or j.repaired:  # not a transport failure, which a rerun should retry
+                write_json(cache / f"{keys[i]}.json", j.__dict__)
+            return i, j
+
+        with ThreadPoolExecutor(self.config.max_concurrency) as pool:
+            futures = [pool.submit(work, i) for i in todo]
+            for f in tqdm(as_completed(futures), total=len(todo), desc="judge", disable=not todo):
+                i, j = f.result()
+                out[i] = j
+        return out
