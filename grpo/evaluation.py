@@ -32,12 +32,15 @@ def win_rate(verdicts, first: int = 0) -> dict:
             "win_rate": (wins + ties / 2) / judged if judged else float("nan")}
 
 
-def hacking_flags(reward_diff: float, win: dict, max_length_ratio: float, length_ratio: float | None = None) -> list[str]:
+def hacking_flags(reward_diff: float, win: dict, max_length_ratio: float, length_ratio: float | None = None,
+                  min_judged: int = 1) -> list[str]:
     """Reasons to distrust a reward gain: the reward rose while the judge preferred the other policy
-    (win rate below 0.5), or the reply length drifted past ``max_length_ratio`` either way."""
+    (win rate below 0.5 over at least ``min_judged`` judged pairs; fewer are not evidence either
+    way), or the reply length drifted past ``max_length_ratio`` either way."""
     flags = []
     rate = win.get("win_rate", float("nan"))
-    if reward_diff > 0 and rate == rate and rate < 0.5:
+    judged = sum(win.get(k, 0) for k in ("wins", "losses", "ties"))
+    if reward_diff > 0 and judged >= min_judged and rate < 0.5:
         flags.append(f"reward rose ({reward_diff:+.3f}) while the judge win rate is {rate:.2f}")
     if length_ratio is not None and not 1 / max_length_ratio <= length_ratio <= max_length_ratio:
         flags.append(f"reply length changed by a factor of {length_ratio:.2f} (bound {max_length_ratio})")

@@ -38,13 +38,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return adv.reshape(-1), int(zero.sum())
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1) -> torch.Tensor:
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1,
+                   entropy: bool = False):
     """Log-probability of each token from position ``start`` on, given its prefix; shape
     (B, T-start), aligned to ``input_ids[:, start:]``. Logits (the vocabulary projection is a
-    fifth of the model's compute) are computed only for the positions that predict those tokens."""
+    fifth of the model's compute) are computed only for the positions that predict those tokens.
+    With ``entropy``, also returns the entropy of each of those next-token distributions
+    (no gradient), as a second tensor of the same shape."""
     keep = input_ids.shape[1] - start + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
-    return -F.cross_entropy(logits.transpose(1, 2), input_ids[:, start:], reduction="none")
+    logp = -F.cross_entropy(logits.transpose(1, 2), input_ids[:, start:], reduction="none")
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        log_dist = F.log_softmax(logits, dim=-1)
+        return logp, -(log_dist.exp() * log_dist).sum(-1)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -52,9 +60,42 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def turn_returns(prefix_rewards: list[float], gamma: float) -> list[float]:
+    """Per-turn credit for one episode. ``prefix_rewards[k]`` is the reward of the conversation cut
+    after agent turn k; turn k's own reward is what it added, r_k = R_k - R_{k-1} (R_{-1} = 0),
+    and its return is the discounted sum of what it and later turns added,
+    G_k = sum_{j>=k} gamma^(j-k) r_j. With gamma = 1, G_0 is the whole episode's reward."""
+    increments = [r - (prefix_rewards[k - 1] if k else 0.0) for k, r in enumerate(prefix_rewards)]
+    out, running = [], 0.0
+    for r in reversed(increments):
+        running = r + gamma * running
+        out.append(running)
+    return out[::-1]
+
+
+def turn_advantages(returns: list[list[float]], group_size: int, scale: str = "group", eps: float = 1e-4):
+    """Group-relative advantages of per-turn returns: within each group, every (episode, turn)
+    return is centred on the group's mean return and scaled like :func:`group_advantages`.
+    Returns ``(advantages as lists per episode, zero_std_groups)``."""
+    out, zero = [], 0
+    flat_all = torch.tensor([g for ep in returns for g in ep])
+    for start in range(0, len(returns), group_size):
+        group = returns[start:start + group_size]
+        flat = torch.tensor([g for ep in group for g in ep])
+        std = flat.std() if len(flat) > 1 else torch.tensor(0.0)
+        if std < 1e-8:
+            zero += 1
+            out += [[0.0] * len(ep) for ep in group]
+            continue
+        denom = {"group": std + eps, "batch": flat_all.std() + eps, "none": torch.tensor(1.0)}[scale]
+        out += [[float((g - flat.mean()) / denom) for g in ep] for ep in group]
+    return out, zero
+
+
 def per_token_loss(logp, old_logp, advantages, epsilon: float, epsilon_high: float,
                    ref_logp=None, beta: float = 0.0, mask=None, level: str = "token"):
     """Per-token clipped-surrogate loss plus ``beta`` * k3 KL; also returns the clip masks.
+    ``advantages`` is one per sequence (B,) or one per token (B, T) (per-turn credit).
 
     ``level="sequence"`` is GSPO: one importance ratio per sequence,
     exp(mean over its masked tokens of (logp - old_logp)), clipped as a whole and shared by
@@ -66,7 +107,7 @@ def per_token_loss(logp, old_logp, advantages, epsilon: float, epsilon_high: flo
     elif level != "token":
         raise ValueError(f"importance_sampling_level must be token|sequence, got {level!r}")
     ratio = torch.exp(log_ratio)
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # per sequence, or per token
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
     loss = -torch.min(unclipped, clipped)

@@ -8,6 +8,7 @@ not pay, and ``professionalism`` penalises repetitive text directly.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 
@@ -24,8 +25,13 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+_TOOL_CALL = re.compile(r"<tool_call>.*?(</tool_call>|$)", re.S)
+
+
 def agent_turns(conversation: Conversation) -> list[str]:
-    return [m["content"] for m in conversation if m["role"] == "assistant"]
+    """What the agent said to the user: its replies with tool calls cut out; pure calls are skipped."""
+    texts = [_TOOL_CALL.sub("", m["content"] or "").strip() for m in conversation if m["role"] == "assistant"]
+    return [t for t in texts if t]
 
 
 def _distinct_hits(text: str, phrases: Sequence[str]) -> int:
@@ -171,9 +177,35 @@ class Safety:
         return np.array(out, dtype=float)
 
 
+class ToolUse:
+    """Tool use against the scenario's backend. No tools declared: 1, or 0 if the agent calls one
+    anyway. Tools declared: 0 without a call, else the share of calls that succeeded (a tool result
+    without an ``error``)."""
+
+    name = "tool_use"
+
+    def __call__(self, conversations, scenario) -> np.ndarray:
+        out = []
+        for c in conversations:
+            results = [m["content"] for m in c if m["role"] == "tool"]
+            if not results:
+                out.append(0.0 if scenario.tools else 1.0)
+                continue
+            ok = sum(1 for r in results if not _is_error(r))
+            out.append(ok / len(results) if scenario.tools else 0.0)
+        return np.array(out, dtype=float)
+
+
+def _is_error(result: str) -> bool:
+    try:
+        return "error" in json.loads(result)
+    except (json.JSONDecodeError, TypeError):
+        return True
+
+
 HEURISTICS: dict[str, Callable[..., object]] = {
     "empathy": Empathy, "action": ActionOrientation, "professionalism": Professionalism,
-    "length": LengthBand, "coverage": KeywordCoverage, "similarity": Similarity, "safety": Safety,
+    "length": LengthBand, "coverage": KeywordCoverage, "similarity": Similarity, "safety": Safety, "tool_use": ToolUse,
 }
 AGGREGATES = ("sum", "geometric")
 

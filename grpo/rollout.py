@@ -1,21 +1,35 @@
-"""Multi-turn rollouts: the policy talks, the scripted user answers, token ids are kept exactly.
+"""Multi-turn rollouts: the policy talks, calls tools, the user answers; token ids are kept exactly.
 
 A :class:`Trajectory` holds the token ids the model saw and sampled, in order, and an
 ``assistant_mask`` that is 1 exactly on the tokens the policy sampled (its replies, including the
-end-of-turn token it chose). System, user and template tokens are context and have mask 0.
+end-of-turn token it chose). System, user, tool and template tokens are context and have mask 0.
+
+Each agent turn is one generation. A reply holding a tool call (grpo/tools.py: ``parse_call``) is
+executed against the episode's own copy of the scenario backend and answered with a ``tool``
+message, and the agent speaks again; a malformed or failing call gets an error message and is
+counted, and the episode goes on. Otherwise the user answers: the scenario's scripted follow-ups
+(``user: scripted``) or an LLM playing the scenario's persona and goal (``user: llm``), which ends
+the episode by writing DONE. Episodes end after ``max_turns`` agent turns.
 
 All active conversations of all groups are generated in one batched ``generate`` call per agent
-turn; nothing loops over trajectories one by one.
+turn, and the LLM user's replies in one more; nothing loops over trajectories one by one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 
 from grpo.scenarios import Scenario
+from grpo.tools import call_tool, parse_call
+
+USER_SIMULATOR = ("You are role-playing a user who is talking to a {domain} agent. You are: {persona} "
+                  "Your goal: {goal} Write only your next message to the agent, one or two short sentences, in "
+                  "character. If your goal has been met, write only the word DONE.")
 
 
 @dataclass
@@ -27,6 +41,8 @@ class Trajectory:
     assistant_mask: list[int]
     turns: int = 0
     truncated_turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
 
     def check(self) -> None:
         if len(self.input_ids) != len(self.assistant_mask):
@@ -43,9 +59,10 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def user_turn_text(tokenizer, content: str) -> str:
-    """The template text that follows an assistant turn's end-of-turn token and opens a user turn
-    plus the next assistant prompt. Derived from the chat template, not hard-coded."""
+def user_turn_text(tokenizer, content: str, role: str = "user") -> str:
+    """The template text that follows an assistant turn's end-of-turn token and opens a ``role``
+    (user or tool) turn plus the next assistant prompt. Derived from the chat template, not
+    hard-coded."""
     probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     closed = render(tokenizer, probe, False)
     marker = "a" + tokenizer.eos_token
@@ -54,22 +71,35 @@ def user_turn_text(tokenizer, content: str) -> str:
         raise NotImplementedError(
             "the chat template does not end assistant turns with the eos token; multi-turn rollouts need it"
         )
-    following = render(tokenizer, probe + [{"role": "user", "content": content}], True)
+    following = render(tokenizer, probe + [{"role": role, "content": content}], True)
     if not following.startswith(closed):
         raise NotImplementedError("the chat template re-renders earlier turns; multi-turn rollouts need a prefix-stable template")
     return closed[k + len(marker):] + following[len(closed):]
 
 
+def user_prompt(scenario: Scenario, messages: list[dict]) -> list[dict]:
+    """The LLM user's view: its persona and goal as the system prompt, the agent's replies as the
+    messages it reads (role ``user``) and its own earlier messages as ``assistant``."""
+    flip = {"assistant": "user", "user": "assistant"}
+    system = USER_SIMULATOR.format(domain=scenario.domain.replace("_", " "), persona=scenario.persona, goal=scenario.goal)
+    return [{"role": "system", "content": system}] + [{"role": flip[m["role"]], "content": m["content"]}
+                                                      for m in messages if m["role"] in flip]
+
+
 class ConversationEnvironment:
-    """Runs episodes of up to ``max_turns`` agent turns against each scenario's scripted user."""
+    """Runs episodes of up to ``max_turns`` agent turns against each scenario's user and tools."""
 
     def __init__(self, tokenizer, max_turns: int = 2, max_new_tokens: int = 48,
-                 temperature: float = 1.0, top_p: float = 1.0):
+                 temperature: float = 1.0, top_p: float = 1.0, user: str = "scripted", user_max_tokens: int = 32):
+        if user not in ("scripted", "llm"):
+            raise ValueError(f"rollout.user must be 'scripted' or 'llm', got {user!r}")
         self.tok = tokenizer
         self.max_turns = max_turns
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.user = user
+        self.user_max_tokens = user_max_tokens
         self.stats: dict = {}
 
     def start(self, scenario: Scenario, group: int) -> Trajectory:
@@ -78,7 +108,7 @@ class ConversationEnvironment:
         return Trajectory(scenario.id, group, messages, ids, [0] * len(ids))
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[list[int]], do_sample: bool = True) -> list[list[int]]:
+    def generate(self, model, prompts: list[list[int]], do_sample: bool = True, max_new_tokens: int | None = None) -> list[list[int]]:
         """One batched generate call; returns each row's new tokens up to and including eos."""
         device = next(model.parameters()).device
         width = max(map(len, prompts))
@@ -89,7 +119,7 @@ class ConversationEnvironment:
             ids[i, width - len(p):] = torch.tensor(p)
             attn[i, width - len(p):] = 1
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=self.max_new_tokens,
+            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens or self.max_new_tokens,
             do_sample=do_sample, temperature=self.temperature if do_sample else None,
             top_p=self.top_p if do_sample else None, top_k=0 if do_sample else None,
             pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
@@ -97,19 +127,44 @@ class ConversationEnvironment:
         eos = self.tok.eos_token_id
         return [row[: row.index(eos) + 1] if eos in row else row for row in out]
 
-    def rollout(self, model, scenarios: list[Scenario], group_size: int, do_sample: bool = True) -> list[Trajectory]:
-        """``group_size`` episodes per scenario; trajectory ``i`` belongs to group ``i // group_size``."""
+    def decode(self, toks: list[int]) -> str:
+        return self.tok.decode([x for x in toks if x != self.tok.eos_token_id], skip_special_tokens=True).strip()
+
+    def add_context(self, t: Trajectory, role: str, content: str) -> None:
+        delta = encode(self.tok, user_turn_text(self.tok, content, role))
+        t.input_ids += delta
+        t.assistant_mask += [0] * len(delta)
+        t.messages.append({"role": role, "content": content})
+
+    def llm_user_replies(self, model, trajs: list[Trajectory], scen: list[Scenario], do_sample: bool) -> list[str | None]:
+        """One batched generation of the LLM user's next messages; None where it wrote DONE. When
+        the user model is the PEFT policy itself, it speaks with the adapter disabled (the base)."""
+        prompts = [encode(self.tok, render(self.tok, user_prompt(s, t.messages), True)) for t, s in zip(trajs, scen)]
+        off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with off:
+            out = self.generate(model, prompts, do_sample, self.user_max_tokens)
+        texts = [self.decode(o) for o in out]
+        return [None if not x or x.upper().startswith("DONE") else x for x in texts]
+
+    def rollout(self, model, scenarios: list[Scenario], group_size: int, do_sample: bool = True,
+                user_model=None) -> list[Trajectory]:
+        """``group_size`` episodes per scenario; trajectory ``i`` belongs to group ``i // group_size``.
+        ``user_model`` plays the LLM user (default: ``model``, with its adapter disabled if it has one)."""
         was_training = model.training
         model.eval()
         trajs = [self.start(s, g) for g, s in enumerate(scenarios) for _ in range(group_size)]
         scen = [s for s in scenarios for _ in range(group_size)]
+        backends = [copy.deepcopy(s.backend) for s in scen]  # tool calls write to the episode's copy
+        replies = [0] * len(trajs)  # user messages given after the opening
+        done = [False] * len(trajs)
         eos = self.tok.eos_token_id
         t0, generated = time.perf_counter(), 0
         for turn in range(self.max_turns):
-            active = [i for i, s in enumerate(scen) if turn <= len(s.followups)]
+            active = [i for i in range(len(trajs)) if not done[i]]
             if not active:
                 break
             new = self.generate(model, [trajs[i].input_ids for i in active], do_sample)
+            waiting = []  # trajectories whose agent turn ended without a tool call: the user speaks
             for i, toks in zip(active, new):
                 t = trajs[i]
                 generated += len(toks)
@@ -120,35 +175,51 @@ class ConversationEnvironment:
                     t.truncated_turns += 1
                     t.input_ids.append(eos)
                     t.assistant_mask.append(0)
-                text = self.tok.decode([x for x in toks if x != eos], skip_special_tokens=True).strip()
+                text = self.decode(toks)
                 t.messages.append({"role": "assistant", "content": text})
-                if turn + 1 < self.max_turns and turn < len(scen[i].followups):
-                    user = scen[i].followups[turn]
-                    delta = encode(self.tok, user_turn_text(self.tok, user))
-                    t.input_ids += delta
-                    t.assistant_mask += [0] * len(delta)
-                    t.messages.append({"role": "user", "content": user})
+                if turn + 1 == self.max_turns:
+                    continue
+                call = parse_call(text)
+                if call is not None:
+                    result, ok = call_tool(*call, scen[i].tools, backends[i])
+                    t.tool_calls += 1
+                    t.tool_errors += not ok
+                    self.add_context(t, "tool", result)
+                else:
+                    waiting.append(i)
+            if self.user == "llm" and waiting:
+                answers = self.llm_user_replies(user_model or model, [trajs[i] for i in waiting], [scen[i] for i in waiting], do_sample)
+            else:
+                answers = [scen[i].followups[replies[i]] if replies[i] < len(scen[i].followups) else None for i in waiting]
+            for i, answer in zip(waiting, answers):
+                if answer is None:
+                    done[i] = True
+                else:
+                    self.add_context(trajs[i], "user", answer)
+                    replies[i] += 1
         for t in trajs:
             t.check()
         elapsed = time.perf_counter() - t0
-        self.stats = {"gen_tokens": generated, "gen_seconds": elapsed, "gen_tokens_per_s": generated / max(elapsed, 1e-9)}
+        calls = sum(t.tool_calls for t in trajs)
+        self.stats = {"gen_tokens": generated, "gen_seconds": elapsed, "gen_tokens_per_s": generated / max(elapsed, 1e-9),
+                      "tool_calls": calls, "tool_errors": sum(t.tool_errors for t in trajs)}
         model.train(was_training)
         return trajs
 
 
 def rollout_in_chunks(env: ConversationEnvironment, model, scenarios: list[Scenario], group_size: int,
-                      chunk: int, desc: str = "rollout", do_sample: bool = True) -> list[Trajectory]:
+                      chunk: int, desc: str = "rollout", do_sample: bool = True, user_model=None) -> list[Trajectory]:
     """Roll out many scenarios, ``chunk`` scenarios (times ``group_size``) per batched call, with a
     progress bar."""
     from tqdm.auto import tqdm
 
     out: list[Trajectory] = []
-    tokens = seconds = 0.0
+    totals = {"gen_tokens": 0.0, "gen_seconds": 0.0, "tool_calls": 0, "tool_errors": 0}
     for i in tqdm(range(0, len(scenarios), chunk), desc=desc, unit="batch"):
-        part = env.rollout(model, scenarios[i:i + chunk], group_size, do_sample)
-        tokens, seconds = tokens + env.stats["gen_tokens"], seconds + env.stats["gen_seconds"]
+        part = env.rollout(model, scenarios[i:i + chunk], group_size, do_sample, user_model)
+        totals = {k: v + env.stats[k] for k, v in totals.items()}
         for t in part:
             t.group += i
         out += part
-    env.stats = {"gen_tokens": tokens, "gen_seconds": seconds, "gen_tokens_per_s": tokens / max(seconds, 1e-9)}
+    env.stats = {**totals, "gen_tokens_per_s": totals["gen_tokens"] / max(totals["gen_seconds"], 1e-9)}
     return out

@@ -66,7 +66,10 @@ class Scenario(BaseModel):
         return SYSTEM_PROMPTS.get(self.domain, SYSTEM_PROMPTS["customer_service"])
 
     def first_messages(self) -> list[dict]:
-        return [{"role": "system", "content": self.system_prompt()}, {"role": "user", "content": self.opening}]
+        from grpo.tools import instructions
+
+        system = self.system_prompt() + (instructions(self.tools) if self.tools else "")
+        return [{"role": "system", "content": system}, {"role": "user", "content": self.opening}]
 
 
 def describe(err: ValidationError) -> str:

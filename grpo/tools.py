@@ -121,8 +121,11 @@ def unresolved(tools: list[str], backend: dict) -> tuple[list[str], list[str]]:
 
 
 def call_tool(name: str, arguments: dict | str, allowed: list[str], backend: dict) -> tuple[str, bool]:
-    """Execute one call; return (tool message text, success). Never raises on a bad call."""
+    """Execute one call; return (tool message text, success). Never raises on a bad call. A call
+    parsed as malformed (``name == ""``) carries the reason in ``arguments``."""
     try:
+        if not name:
+            raise ToolError(str(arguments))
         if name not in allowed:
             raise ToolError(f"unknown tool {name!r}; available: {', '.join(allowed) or 'none'}")
         if isinstance(arguments, str):
@@ -135,3 +138,31 @@ def call_tool(name: str, arguments: dict | str, allowed: list[str], backend: dic
         return json.dumps(TOOLS[name].run(backend, arguments)), True
     except ToolError as e:
         return json.dumps({"error": str(e)}), False
+
+
+CALL_FORMAT = '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
+_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+
+def instructions(tools: list[str]) -> str:
+    """The system-prompt text that declares a scenario's tools and the documented call format.
+    (SmolLM2's chat template has no tool support, so the declaration is plain text; the call format
+    is the Hermes/Qwen one, which templates with tool support also use.)"""
+    schemas = json.dumps([TOOLS[t].schema()["function"] for t in tools if t in TOOLS])
+    return (f"\nYou can use these tools: {schemas}\nTo call one, reply with only {CALL_FORMAT}. "
+            "Its result comes back in a message from the tool; then answer the user.")
+
+
+def parse_call(text: str) -> tuple[str, dict | str] | None:
+    """``(name, arguments)`` of the first tool call in an agent reply, ``None`` if it makes none.
+    A malformed call comes back as ``("", reason)`` so the caller can report it to the agent."""
+    m = _CALL.search(text or "")
+    if not m:
+        return None
+    try:
+        call = json.loads(m.group(1).strip())
+    except json.JSONDecodeError as e:
+        return "", f"the tool call is not valid JSON ({e.msg}); use {CALL_FORMAT}"
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return "", f'the tool call needs a "name"; use {CALL_FORMAT}'
+    return call["name"], call.get("arguments", {})

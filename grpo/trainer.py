@@ -1,8 +1,9 @@
 """A GRPO training loop that reads top to bottom: sample groups, score, normalise, update.
 
 Hand-written rather than TRL's GRPOTrainer because TRL's trainer generates single-turn completions;
-our episodes are multi-turn conversations with a scripted user in between, and the loss must touch
-only the tokens the policy sampled across all of its turns.
+our episodes are multi-turn conversations with a user and tools in between, and the loss must touch
+only the tokens the policy sampled across all of its turns. ``backend: trl`` runs TRL's trainer on
+the first turn instead (grpo/trl_backend.py), as the ecosystem path and a reference.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from grpo import checkpoint
-from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs
+from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
 from grpo.rollout import ConversationEnvironment, Trajectory
 from grpo.scenarios import Scenario
 
@@ -44,6 +45,9 @@ class GRPOConfig:
     micro_batch_size: int = 8
     max_grad_norm: float = 1.0
     checkpoint_every: int = 0       # steps between checkpoints; 0 disables them
+    turn_credit: bool = False       # each agent turn's tokens get their own discounted return
+    turn_gamma: float = 0.9         # discount of later turns' contributions (turn_credit)
+    backend: str = "native"         # native (this loop) | trl (grpo/trl_backend.py)
     seed: int = 0
 
     @classmethod
@@ -77,6 +81,47 @@ def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), attn.to(device), loss_mask[:, start:].to(device), start
 
 
+def cut_after_turn(messages: list[dict], k: int) -> list[dict]:
+    """The conversation up to and including the agent's k-th reply (k from 1)."""
+    seen = 0
+    for i, m in enumerate(messages):
+        seen += m["role"] == "assistant"
+        if seen == k:
+            return messages[: i + 1]
+    return messages
+
+
+def turn_credit_advantages(trajs: list[Trajectory], batch: list[Scenario], reward_fn: Callable, cfg: "GRPOConfig"):
+    """Per-turn advantages: each group's conversations are scored cut after each agent turn, the
+    increments discounted into per-turn returns (:func:`grpo.objective.turn_returns`) and
+    normalised within the group. Returns ``(advantages per trajectory per turn, zero_std_groups)``."""
+    returns = []
+    for g, scen in enumerate(batch):
+        group = trajs[g * cfg.group_size:(g + 1) * cfg.group_size]
+        prefix: list[list[float]] = [[] for _ in group]
+        for k in range(1, max(t.turns for t in group) + 1):
+            totals, _ = reward_fn([cut_after_turn(t.messages, k) for t in group], scen)
+            for i, t in enumerate(group):
+                if t.turns >= k:
+                    prefix[i].append(float(totals[i]))
+        returns += [turn_returns(p, cfg.turn_gamma) for p in prefix]
+    return turn_advantages(returns, cfg.group_size, cfg.scale_rewards)
+
+
+def token_advantages(trajs: list[Trajectory], per_turn: list[list[float]], width: int, start: int, device) -> torch.Tensor:
+    """(B, width - start) advantages aligned with :func:`pad_batch`'s loss mask: the k-th run of
+    sampled tokens (the k-th agent turn) gets the k-th turn's advantage."""
+    out = torch.zeros(len(trajs), width)
+    for i, (t, advs) in enumerate(zip(trajs, per_turn)):
+        k, prev = -1, 0
+        for pos, m in enumerate(t.assistant_mask):
+            k += bool(m and not prev)
+            if m:
+                out[i, pos] = advs[k]
+            prev = m
+    return out[:, start:].to(device)
+
+
 def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env: ConversationEnvironment,
           cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: str | None = None):
     """Train LoRA adapters on ``model`` with GRPO. ``reward_fn(conversations, scenario)`` returns
@@ -84,6 +129,9 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, a checkpoint is written every N steps and
     a rerun of the same configuration resumes from it; it is removed when training completes."""
+    if cfg.turn_credit and cfg.importance_sampling_level == "sequence":
+        raise ValueError("turn_credit gives each turn its own advantage; it cannot be combined with "
+                         "importance_sampling_level: sequence (GSPO), which shares one ratio per sequence")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg)
@@ -116,13 +164,22 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
             for k, v in raw.items():
                 comps.setdefault(k, []).extend(np.asarray(v).tolist())
         rewards = torch.cat(totals)
-        adv, zero_groups = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out)
+        if cfg.turn_credit:
+            per_turn, zero_groups = turn_credit_advantages(trajs, batch, reward_fn, cfg)
+            adv = torch.tensor([a for ep in per_turn for a in ep])
+        else:
+            adv, zero_groups = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out)
 
         # 4. old-policy and reference log-probs, then the clipped-surrogate updates
         model.train()
         micro = [list(range(i, min(i + cfg.micro_batch_size, len(trajs)))) for i in range(0, len(trajs), cfg.micro_batch_size)]
         padded = [pad_batch([trajs[i] for i in idx], tokenizer.pad_token_id, device) for idx in micro]
         n_tokens = sum(int(p[2].sum()) for p in padded)
+        if cfg.turn_credit:
+            advs = [token_advantages([trajs[i] for i in idx], [per_turn[i] for i in idx], ids.shape[1], start, device)
+                    for idx, (ids, _, _, start) in zip(micro, padded)]
+        else:
+            advs = [adv[idx].to(device) for idx in micro]
         old, ref = [], []
         with torch.no_grad():
             for ids, attn, _, start in padded:
@@ -133,14 +190,18 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
                 else:
                     ref.append(None)
         t_upd = time.perf_counter()
-        stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0}
-        for _ in range(cfg.num_iterations):
+        stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
+        for it in range(cfg.num_iterations):
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for (ids, attn, mask, start), idx, o, r in zip(padded, micro, old, ref):
-                logp = token_logprobs(model, ids, attn, start)
+            for (ids, attn, mask, start), a, o, r in zip(padded, advs, old, ref):
+                if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
+                    logp, ent = token_logprobs(model, ids, attn, start, entropy=True)
+                    stats["entropy"] += (ent * mask).sum().item() / n_tokens
+                else:
+                    logp = token_logprobs(model, ids, attn, start)
                 old_logp = o if o is not None else logp.detach()
-                loss_tok, kl, lo, hi = per_token_loss(logp, old_logp, adv[idx].to(device), cfg.epsilon, cfg.epsilon_high,
+                loss_tok, kl, lo, hi = per_token_loss(logp, old_logp, a, cfg.epsilon, cfg.epsilon_high,
                                                       r, cfg.beta, mask, cfg.importance_sampling_level)
                 loss = aggregate(loss_tok, mask, cfg.loss_type, len(trajs), n_tokens, env.max_new_tokens * env.max_turns)
                 if not torch.isfinite(loss):
@@ -172,6 +233,8 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
             "grad_norm": float(grad_norm),
             "skipped_steps": skipped,
             "gen_tokens_per_s": gen_stats["gen_tokens_per_s"],
+            "tool_calls": gen_stats["tool_calls"],
+            "tool_success_rate": 1 - gen_stats["tool_errors"] / gen_stats["tool_calls"] if gen_stats["tool_calls"] else float("nan"),
             "update_tokens_per_s": n_tokens * cfg.num_iterations / max(update_s, 1e-9),
             "step_seconds": time.perf_counter() - t0,
             **stats,

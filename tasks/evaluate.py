@@ -6,8 +6,9 @@ scored by the same composite reward. Reported (`paths.metrics`/eval.json, DVC me
 mean composite reward and each component, paired bootstrap CIs of trained - base and trained -
 champion over scenarios, judge win rates of trained against each (ties and unjudged pairs counted),
 reply length, the KL of trained from base on its own samples, and a per-domain breakdown. A run
-whose reward rises while the judge prefers the base, or whose reply length drifts past
-`evaluate.max_length_ratio`, is flagged, and a flagged version cannot be promoted. Also writes
+whose reward rises while the judge prefers the base (over at least `evaluate.min_judged` judged
+pairs), or whose reply length drifts past `evaluate.max_length_ratio`, is flagged, and a flagged
+version cannot be promoted. Also writes
 `paths.plots`/eval.csv and a markdown report (`paths.metrics`/eval.md) with the comparison table
 and side-by-side examples, which the Prefect flow publishes as an artifact.
 """
@@ -45,10 +46,12 @@ def champion_policy(params: dict, dest: str) -> tuple[str | None, str | None]:
     return download_policy(mlflow, name, str(champion.version), dest), str(champion.version)
 
 
-def rollouts(model, tok, scenarios, params: dict, name: str):
+def rollouts(model, tok, scenarios, params: dict, name: str, user_model):
+    """Every policy meets the same users: the same seed and, with `rollout.user: llm`, the base model."""
     env = ConversationEnvironment(tok, **params["rollout"])
     torch.manual_seed(params["seed"])
-    return rollout_in_chunks(env, model, scenarios, params["evaluate"]["samples_per_scenario"], len(scenarios), desc=f"eval {name}")
+    return rollout_in_chunks(env, model, scenarios, params["evaluate"]["samples_per_scenario"], len(scenarios),
+                             desc=f"eval {name}", user_model=user_model)
 
 
 def score(trajs, scenarios, reward) -> pd.DataFrame:
@@ -127,12 +130,13 @@ def run(params: dict) -> dict:
         tok = load_tokenizer(paths["base_model"])
         base_model = load_causal_lm(paths["base_model"], device)
         trained_model = load_causal_lm(paths["policy"], device)
-        trajs = {"base": rollouts(base_model, tok, scenarios, params, "base"),
-                 "trained": rollouts(trained_model, tok, scenarios, params, "trained")}
+        trajs = {"base": rollouts(base_model, tok, scenarios, params, "base", base_model),
+                 "trained": rollouts(trained_model, tok, scenarios, params, "trained", base_model)}
         champion_dir, champion_version = champion_policy(params, tmp)
         if champion_dir:
             champion_model = load_causal_lm(champion_dir, device)
-            trajs["champion"] = rollouts(champion_model, load_tokenizer(champion_dir), scenarios, params, f"champion v{champion_version}")
+            trajs["champion"] = rollouts(champion_model, load_tokenizer(champion_dir), scenarios, params,
+                                         f"champion v{champion_version}", base_model)
             del champion_model
         tables = {k: score(v, scenarios, reward) for k, v in trajs.items()}
         comps = [c for c in tables["base"].columns if c not in ("scenario_id", "domain", "reward", "reply_words", "example")]
@@ -147,10 +151,11 @@ def run(params: dict) -> dict:
         result["per_domain"] = {d: {k: float(t.loc[t["domain"] == d, "reward"].mean()) for k, t in tables.items()}
                                 for d in sorted(set(tables["base"]["domain"]))}
         length_ratio = result["trained"]["reply_words"] / max(result["base"]["reply_words"], 1e-9)
-        result["flags"] = hacking_flags(result["vs_base"]["mean"], result["judge"]["vs_base"], p["max_length_ratio"], length_ratio)
+        result["flags"] = hacking_flags(result["vs_base"]["mean"], result["judge"]["vs_base"], p["max_length_ratio"],
+                                        length_ratio, p["min_judged"])
         if "champion" in tables:
-            result["flags"] += [f"against the champion: {f}" for f in
-                                hacking_flags(result["vs_champion"]["mean"], result["judge"]["vs_champion"], p["max_length_ratio"])]
+            result["flags"] += [f"against the champion: {f}" for f in hacking_flags(
+                result["vs_champion"]["mean"], result["judge"]["vs_champion"], p["max_length_ratio"], min_judged=p["min_judged"])]
         result["flagged"] = bool(result["flags"])
 
         markdown = report_markdown(result, tables, comps)

@@ -26,9 +26,15 @@ def run(params: dict) -> dict:
         model = load_causal_lm(paths["base_model"], pick_device(params["device"]))
         env = ConversationEnvironment(tok, **params["rollout"])
         reward = load_reward(params)
-        model, history = train(model, tok, scenarios, reward, env, cfg,
-                               on_step=lambda step, row: log_metrics(mlflow, row, step),
-                               checkpoint_dir=paths["checkpoints"])
+        log_step = lambda step, row: log_metrics(mlflow, row, step)  # noqa: E731
+        if cfg.backend == "trl":
+            from grpo.trl_backend import train_trl
+
+            model, history = train_trl(model, tok, scenarios, reward, cfg, params["rollout"], str(model.device), log_step)
+        elif cfg.backend == "native":
+            model, history = train(model, tok, scenarios, reward, env, cfg, on_step=log_step, checkpoint_dir=paths["checkpoints"])
+        else:
+            raise ValueError(f"train_policy.backend must be 'native' or 'trl', got {cfg.backend!r}")
         merged = model.merge_and_unload()
         with atomic_path(paths["policy"], is_dir=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
@@ -40,8 +46,8 @@ def run(params: dict) -> dict:
             "steps": len(history),
             "reward_first_quarter": sum(r["reward_mean"] for r in history[:k]) / k,
             "reward_last_quarter": sum(r["reward_mean"] for r in history[-k:]) / k,
-            "kl_last": history[-1]["kl"],
-            "skipped_steps": history[-1]["skipped_steps"],
+            "kl_last": history[-1].get("kl", 0.0),
+            "skipped_steps": history[-1].get("skipped_steps", 0),
             "seconds_per_step": sum(r["step_seconds"] for r in history) / len(history),
         }
         write_json(f"{paths['metrics']}/train.json", summary)

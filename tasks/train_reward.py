@@ -37,7 +37,8 @@ def run(params: dict) -> dict:
         y = torch.tensor(df["score"].to_numpy(), dtype=torch.float32)
         groups = torch.tensor(pd.factorize(df["scenario_id"])[0])
         rm = RewardModel.create(params["encoder"], p["hidden"], p["max_tokens"], params["seed"], str(pick_device(params["device"])))
-        tr, va = ~held, held
+        va = torch.tensor(held)
+        tr = ~va
         pick = lambda xs, mask: [x for x, m in zip(xs, mask) if m]
         fit = rm.fit(pick(convs, tr), y[tr], groups[tr], pick(convs, va), y[va], groups[va],
                      FitConfig(**{k: p[k] for k in FIT_KEYS}))

@@ -25,9 +25,11 @@ def test_win_rate_counts_ties_and_unjudged_pairs():
 
 
 def test_hacking_flags():
-    assert hacking_flags(0.3, {"win_rate": 0.75}, 1.5, 1.1) == []
-    assert "judge win rate is 0.25" in hacking_flags(0.3, {"win_rate": 0.25}, 1.5, 1.0)[0]
-    assert hacking_flags(-0.3, {"win_rate": 0.25}, 1.5) == []  # reward fell too: nothing hidden
+    losing = {"wins": 1, "losses": 3, "ties": 0, "win_rate": 0.25}
+    assert hacking_flags(0.3, {"wins": 3, "losses": 1, "ties": 0, "win_rate": 0.75}, 1.5, 1.1) == []
+    assert "judge win rate is 0.25" in hacking_flags(0.3, losing, 1.5, 1.0, min_judged=4)[0]
+    assert hacking_flags(0.3, losing, 1.5, 1.0, min_judged=5) == []  # four verdicts are not enough evidence
+    assert hacking_flags(-0.3, losing, 1.5) == []  # reward fell too: nothing hidden
     assert hacking_flags(0.3, {"win_rate": float("nan")}, 1.5) == []  # no judge verdicts: not assessable
     assert "factor of 2.00" in hacking_flags(0.3, {}, 1.5, 2.0)[0] and hacking_flags(0.3, {}, 1.5, 0.5)
 

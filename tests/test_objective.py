@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from grpo.objective import aggregate, group_advantages, k3_kl, per_token_loss
+from grpo.objective import aggregate, group_advantages, k3_kl, per_token_loss, turn_advantages, turn_returns
 
 
 def test_group_advantages_hand_computed():
@@ -92,3 +92,24 @@ def test_gspo_uses_one_clipped_ratio_per_sequence():
     assert loss[0, :2].tolist() == pytest.approx([-1.2, -1.2]) and hi[0, :2].all()
     with pytest.raises(ValueError):
         per_token_loss(logp, old, torch.tensor([1.0]), 0.2, 0.2, mask=mask, level="bogus")
+
+
+def test_turn_returns_discount_what_each_turn_added():
+    # prefix rewards 0.2, 0.5, 0.4 -> increments 0.2, 0.3, -0.1; gamma 0.5
+    assert turn_returns([0.2, 0.5, 0.4], 0.5) == pytest.approx([0.325, 0.25, -0.1])
+    assert turn_returns([0.2, 0.5, 0.4], 1.0)[0] == pytest.approx(0.4)  # gamma 1: the first turn gets the whole reward
+
+
+def test_turn_advantages_normalise_within_groups_and_count_flat_ones():
+    adv, zero = turn_advantages([[1.0, 0.0], [3.0], [2.0, 2.0], [2.0]], group_size=2)
+    flat = torch.tensor([1.0, 0.0, 3.0])
+    assert adv[0] + adv[1] == pytest.approx(((flat - flat.mean()) / (flat.std() + 1e-4)).tolist())
+    assert adv[2:] == [[0.0, 0.0], [0.0]] and zero == 1
+
+
+def test_token_level_advantages_match_sequence_level_when_constant():
+    logp, old = torch.randn(2, 5), torch.randn(2, 5)
+    seq = torch.tensor([0.5, -1.0])
+    a = per_token_loss(logp, old, seq, 0.2, 0.28)[0]
+    b = per_token_loss(logp, old, seq.unsqueeze(1).expand(2, 5), 0.2, 0.28)[0]
+    assert torch.equal(a, b)

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from grpo.rollout import ConversationEnvironment, Trajectory, encode, render, user_turn_text
+from grpo.rollout import ConversationEnvironment, Trajectory, encode, render, user_prompt, user_turn_text
 from grpo.scenarios import Scenario
 
 SCEN = [
@@ -53,3 +55,80 @@ def test_rollout_masks_exactly_the_sampled_tokens(tokenizer, tiny_model):
 def test_all_zero_mask_is_an_error():
     with pytest.raises(ValueError, match="all zeros"):
         Trajectory("x", 0, [], [1, 2], [0, 0]).check()
+
+
+ORDER = Scenario(id="o", domain="customer_service", persona="p", goal="g", opening="Where is order 48213?",
+                 followups=["Thanks. Can I get a refund?"], tools=["check_order_status", "process_refund"],
+                 backend={"orders": {"48213": {"status": "lost in transit", "items": ["lamp"], "total": 20.0, "refundable": True}}})
+
+
+def scripted(env, replies):
+    """Make ``env.generate`` answer with these texts, in order, one list per batched call."""
+    calls = iter(replies)
+
+    def generate(model, prompts, do_sample=True, max_new_tokens=None):
+        texts = next(calls)
+        assert len(texts) == len(prompts)
+        return [encode(env.tok, t) + [env.tok.eos_token_id] for t in texts]
+
+    env.generate = generate
+
+
+def masked_runs(t, tokenizer):
+    runs, cur = [], []
+    for tok, m in zip(t.input_ids + [None], t.assistant_mask + [0]):
+        if m:
+            cur.append(tok)
+        elif cur:
+            runs.append(tokenizer.decode(cur, skip_special_tokens=True).strip())
+            cur = []
+    return runs
+
+
+def test_tool_calls_run_against_the_episode_backend_and_are_context(tokenizer, tiny_model):
+    env = ConversationEnvironment(tokenizer, max_turns=4, max_new_tokens=64)
+    call = '<tool_call>{"name": "check_order_status", "arguments": {"order_id": "48213"}}</tool_call>'
+    refund = '<tool_call>{"name": "process_refund", "arguments": {"order_id": "48213"}}</tool_call>'
+    bad = '<tool_call>{"name": "process_refund", "arguments": </tool_call>'
+    scripted(env, [[call, bad], ["It was lost, sorry.", "Sorry, let me look."], [refund, "Done."], ["Refund issued."]])
+    a, b = env.rollout(tiny_model, [ORDER], group_size=2)
+    assert [m["role"] for m in a.messages] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant", "tool", "assistant"]
+    assert json.loads(a.messages[3]["content"])["status"] == "lost in transit"
+    assert json.loads(a.messages[7]["content"])["refunded"] == 20.0
+    assert ORDER.backend["orders"]["48213"].get("refunded") is None  # the scenario's own data is untouched
+    assert (a.tool_calls, a.tool_errors) == (2, 0) and (b.tool_calls, b.tool_errors) == (1, 1)
+    assert "not valid JSON" in b.messages[3]["content"] and b.turns == 3  # the episode went on
+    assert env.stats["tool_calls"] == 3 and env.stats["tool_errors"] == 1
+    assert masked_runs(a, tokenizer) == [m["content"] for m in a.messages if m["role"] == "assistant"]
+    assert "check_order_status" in a.messages[0]["content"] and "<tool_call>" in a.messages[0]["content"]
+
+
+def test_token_ids_are_the_chat_template_rendering_with_tool_messages(tokenizer, tiny_model):
+    """With SmolLM2's real template: the trajectory's ids equal the template's rendering of its
+    messages (so context is exactly what the model would see), and only agent tokens are masked."""
+    env = ConversationEnvironment(tokenizer, max_turns=3, max_new_tokens=64)
+    scripted(env, [['<tool_call>{"name": "check_order_status", "arguments": {"order_id": "1"}}</tool_call>'],
+                   ["No such order, sorry."], ["Anything else?"]])
+    [t] = env.rollout(tiny_model, [ORDER], group_size=1)
+    assert [m["role"] for m in t.messages][2:] == ["assistant", "tool", "assistant", "user", "assistant"]
+    assert t.input_ids + encode(tokenizer, "\n") == encode(tokenizer, render(tokenizer, t.messages, False))
+    eos = tokenizer.eos_token_id
+    masked = [i for i, m in zip(t.input_ids, t.assistant_mask) if m]
+    assert tokenizer.decode([i for i in masked if i != eos]) == "".join(
+        m["content"] for m in t.messages if m["role"] == "assistant")
+    assert masked.count(eos) == 3  # each agent turn's own end-of-turn token is sampled, so it is trained
+
+
+def test_llm_user_plays_the_persona_and_can_end_the_episode(tokenizer, tiny_model):
+    env = ConversationEnvironment(tokenizer, max_turns=3, max_new_tokens=16, user="llm")
+    # batched calls: agent turn 1 (both), the user (both), agent turn 2 (a), the user (a), agent turn 3 (a)
+    scripted(env, [["Let me check.", "Hello."], ["It is late, I need it by Friday.", "DONE, thanks"], ["I will rush it."],
+                   ["Great."], ["Good."]])
+    a, b = env.rollout(tiny_model, [ORDER], group_size=2)
+    assert [m["role"] for m in b.messages] == ["system", "user", "assistant"] and b.turns == 1
+    assert a.messages[3] == {"role": "user", "content": "It is late, I need it by Friday."} and a.turns == 3
+    view = user_prompt(ORDER, a.messages)
+    assert "Your goal: g" in view[0]["content"] and "You are: p" in view[0]["content"]
+    assert [m["role"] for m in view[1:]] == ["assistant", "user", "assistant", "user", "assistant", "user"]
+    with pytest.raises(ValueError, match="rollout.user"):
+        ConversationEnvironment(tokenizer, user="human")

@@ -104,3 +104,77 @@ def test_checkpoint_of_another_configuration_is_not_resumed(tokenizer, tmp_path)
     checkpoint.save(tmp_path, 2, model, opt, {"order": []}, {"lr": 1})
     assert checkpoint.load(tmp_path, model, opt, {"lr": 2}) is None
     assert checkpoint.load(tmp_path, model, opt, {"lr": 1})[0] == 2
+
+
+def test_grpo_learns_a_trivially_learnable_reward(tokenizer):
+    """Reward: the share of words in the reply that start with a capital letter. The tiny model gets
+    a large initializer range, so its logits are not nearly uniform and a LoRA can move them."""
+    from grpo.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, seed=3, initializer_range=0.5)
+    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=8)
+    scen = [Scenario(id=f"t{i}", domain="sales", persona="p", goal="g", opening=f"Say something {i}.") for i in range(4)]
+
+    def reward(convs, s):
+        words = [c[-1]["content"].split() for c in convs]
+        share = np.array([sum(w[:1].isupper() for w in ws) / max(1, len(ws)) for ws in words])
+        return share, {"capitalised": share}
+
+    cfg = GRPOConfig(steps=36, scenarios_per_step=4, group_size=8, learning_rate=2e-2, lora_r=8, lora_alpha=16,
+                     beta=0.0, micro_batch_size=32, seed=0)
+    rows = []
+    train(model, tokenizer, scen, reward, env, cfg, on_step=lambda step, row: rows.append(row["reward_mean"]))
+    first, last = np.mean(rows[:6]), np.mean(rows[-6:])
+    assert last > first + 0.12, (first, last)
+
+
+def test_trl_backend_trains_with_our_reward_and_logs_the_native_metric_names(tokenizer, tiny_model):
+    from grpo.trl_backend import train_trl
+
+    seen = []
+
+    def reward(convs, scen):
+        seen.append((scen.id, len(convs)))
+        raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
+        return raw, {"length": raw}
+
+    cfg = GRPOConfig(steps=2, scenarios_per_step=2, group_size=2, lora_r=2, beta=0.1, backend="trl", learning_rate=1e-2)
+    rollout = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0}
+    peft, rows = train_trl(tiny_model, tokenizer, SCEN, reward, cfg, rollout, "cpu")
+    assert len(rows) == 2 and all(n == 2 for _, n in seen)  # each scenario's group scored together
+    native_names = {"reward_mean", "reward_std", "kl", "entropy", "loss", "completion_length", "reward/length"}
+    assert native_names <= set(rows[0])
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft.named_parameters())
+
+
+def test_turn_credit_maps_each_turn_advantage_onto_its_tokens(tokenizer, tiny_model):
+    from grpo.trainer import cut_after_turn, pad_batch, token_advantages
+
+    env = ConversationEnvironment(tokenizer, max_turns=2, max_new_tokens=4)
+    torch.manual_seed(0)
+    trajs = env.rollout(tiny_model, SCEN[:1], 2)
+    ids, _, mask, start = pad_batch(trajs, tokenizer.pad_token_id, "cpu")
+    per_turn = [[1.0, -2.0], [3.0, 4.0]]
+    tok = token_advantages(trajs, per_turn, ids.shape[1], start, "cpu")
+    for i in range(2):
+        runs, prev = [], 0  # lengths of the masked runs: one per agent turn
+        for m in mask[i].tolist():
+            if m and not prev:
+                runs.append(0)
+            if m:
+                runs[-1] += 1
+            prev = m
+        assert len(runs) == 2
+        assert tok[i][mask[i].bool()].tolist() == [per_turn[i][0]] * runs[0] + [per_turn[i][1]] * runs[1]
+        assert torch.all(tok[i][~mask[i].bool()] == 0)
+    assert [m["role"] for m in cut_after_turn(trajs[0].messages, 1)] == ["system", "user", "assistant"]
+
+    def reward(convs, scen):  # later turns add length: per-turn credit has something to split
+        raw = np.array([sum(len(m["content"]) for m in c if m["role"] == "assistant") for c in convs], dtype=float)
+        return raw, {"length": raw}
+
+    cfg = GRPOConfig(steps=2, scenarios_per_step=2, group_size=3, lora_r=2, turn_credit=True, turn_gamma=0.5)
+    _, rows = train(tiny_model, tokenizer, SCEN, reward, env, cfg)
+    assert len(rows) == 2 and rows[-1]["advantage_std"] > 0
+    with pytest.raises(ValueError, match="GSPO"):
+        train(tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(turn_credit=True, importance_sampling_level="sequence"))

@@ -1,0 +1,58 @@
+import json
+
+import numpy as np
+
+from grpo import rewards as R
+from grpo.scenarios import Scenario
+from grpo.tools import TOOLS, call_tool, instructions, parse_call, unresolved
+
+BACKEND = {"orders": {"7": {"status": "shipped", "items": ["kettle"], "total": 30.0, "refundable": False}},
+           "knowledge_base": [{"title": "Printer offline", "text": "Restart the spooler."},
+                              {"title": "VPN", "text": "Check UDP ports."}]}
+
+
+def test_parse_call_finds_the_call_or_says_what_is_malformed():
+    assert parse_call("Sure.") is None
+    assert parse_call('Let me look. <tool_call>{"name": "check_order_status", "arguments": {"order_id": "7"}}</tool_call>') \
+        == ("check_order_status", {"order_id": "7"})
+    assert parse_call('<tool_call>{"name": "x"')[0] == ""  # cut off: malformed, not ignored
+    assert 'needs a "name"' in parse_call('<tool_call>{"arguments": {}}</tool_call>')[1]
+
+
+def test_calls_read_and_write_the_backend_and_errors_never_raise():
+    backend = json.loads(json.dumps(BACKEND))
+    out, ok = call_tool("check_order_status", '{"order_id": "#7"}', ["check_order_status"], backend)
+    assert ok and json.loads(out)["status"] == "shipped"
+    for name, args, allowed, problem in [
+        ("process_refund", {"order_id": "7"}, ["process_refund"], "not eligible"),
+        ("check_order_status", {"order_id": "8"}, ["check_order_status"], "no order '8'"),
+        ("process_refund", {"order_id": "7"}, ["check_order_status"], "unknown tool"),
+        ("check_order_status", "{oops", ["check_order_status"], "not valid JSON"),
+        ("", "the tool call is not valid JSON", ["check_order_status"], "not valid JSON"),
+    ]:
+        out, ok = call_tool(name, args, allowed, backend)
+        assert not ok and problem in json.loads(out)["error"], (name, out)
+    out, ok = call_tool("create_ticket", {"summary": "broken"}, ["create_ticket"], backend)
+    assert ok and backend["tickets"] == [{"summary": "broken", "priority": "normal"}]
+    out, ok = call_tool("search_knowledge_base", {"query": "printer offline"}, ["search_knowledge_base"], backend)
+    assert json.loads(out)["results"][0]["title"] == "Printer offline"
+
+
+def test_unresolved_and_instructions():
+    assert unresolved(["teleport", "lookup_account", "create_ticket"], BACKEND) == (["teleport"], ["lookup_account"])
+    text = instructions(["check_order_status"])
+    assert '"name": "check_order_status"' in text and "<tool_call>" in text and set(TOOLS) >= {"process_refund"}
+
+
+def test_tool_use_reward_and_agent_turns_without_call_markup():
+    scen = Scenario(id="s", domain="customer_service", persona="p", goal="g", opening="o", tools=["check_order_status"])
+    plain = scen.model_copy(update={"tools": []})
+    call = {"role": "assistant", "content": '<tool_call>{"name": "check_order_status"}</tool_call>'}
+    good = [{"role": "user", "content": "o"}, call, {"role": "tool", "content": '{"status": "shipped"}'},
+            {"role": "assistant", "content": "It shipped."}]
+    bad = good[:2] + [{"role": "tool", "content": '{"error": "no order"}'}] + good[3:]
+    none = [{"role": "user", "content": "o"}, {"role": "assistant", "content": "It shipped."}]
+    assert R.ToolUse()([good, bad, none], scen).tolist() == [1.0, 0.0, 0.0]
+    assert R.ToolUse()([good, none], plain).tolist() == [0.0, 1.0]
+    assert R.agent_turns(good) == ["It shipped."]
+    assert np.allclose(R.LengthBand(1, 5)([good], scen), R.LengthBand(1, 5)([none], scen))
