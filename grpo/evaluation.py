@@ -16,16 +16,17 @@ def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level:
     return {"mean": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level, "n": int(len(diff))}
 
 
-def win_rate(verdicts, first: int = 0) -> dict:
-    """Judge verdicts on pairs: wins/losses/ties of conversation ``first`` against the other one.
-    Pairs the judge could not answer are counted as ``unjudged``; the rate is (wins + ties / 2) over
-    judged pairs, NaN when none was judged."""
+def win_rate(verdicts, first: int | list[int] = 0) -> dict:
+    """Judge verdicts on pairs: wins/losses/ties of conversation ``first`` (0 or 1; or one per
+    verdict) against the other one. Pairs the judge could not answer are counted as ``unjudged``;
+    the rate is (wins + ties / 2) over judged pairs, NaN when none was judged."""
+    firsts = first if isinstance(first, list) else [first] * len(verdicts)
     wins = losses = ties = unjudged = 0
-    for v in verdicts:
+    for v, f in zip(verdicts, firsts):
         if v.scores is None:
             unjudged += 1
             continue
-        a, b = v.scores[first], v.scores[1 - first]
+        a, b = v.scores[f], v.scores[1 - f]
         wins, losses, ties = wins + (a > b), losses + (a < b), ties + (a == b)
     judged = wins + losses + ties
     return {"wins": wins, "losses": losses, "ties": ties, "unjudged": unjudged,

@@ -15,7 +15,6 @@ and side-by-side examples, which the Prefect flow publishes as an artifact.
 
 from __future__ import annotations
 
-import logging
 import random
 import tempfile
 
@@ -30,8 +29,6 @@ from grpo.models import load_causal_lm, load_tokenizer, pick_device
 from grpo.rewards import words
 from grpo.rollout import ConversationEnvironment, rollout_in_chunks
 from tasks.common import cli, load_reward, log_metrics, run_judge, setup_mlflow, stage_run
-
-log = logging.getLogger(__name__)
 
 
 def champion_policy(params: dict, dest: str) -> tuple[str | None, str | None]:
@@ -78,11 +75,7 @@ def judge_pairs(params, model, tok, scenarios, ours, theirs) -> dict:
     flips = [rng.random() < 0.5 for _ in picked]
     groups = [(scenarios[i].domain, [theirs.example[i], ours.example[i]] if f else [ours.example[i], theirs.example[i]])
               for i, f in zip(picked, flips)]
-    verdicts = run_judge(params, model, tok, groups)
-    wins = [win_rate([v], first=int(f)) for v, f in zip(verdicts, flips)]
-    out = {k: sum(w[k] for w in wins) for k in ("wins", "losses", "ties", "unjudged")}
-    judged = out["wins"] + out["losses"] + out["ties"]
-    return {**out, "win_rate": (out["wins"] + out["ties"] / 2) / judged if judged else float("nan")}
+    return win_rate(run_judge(params, model, tok, groups), [int(f) for f in flips])
 
 
 def means(df: pd.DataFrame, comps: list[str]) -> dict:

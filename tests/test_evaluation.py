@@ -21,6 +21,8 @@ def test_win_rate_counts_ties_and_unjudged_pairs():
     verdicts = [v([0.9, 0.1]), v([0.2, 0.8]), v([0.5, 0.5]), v(None), v([0.7, 0.3])]
     assert win_rate(verdicts) == {"wins": 2, "losses": 1, "ties": 1, "unjudged": 1, "win_rate": 2.5 / 4}
     assert win_rate(verdicts, first=1)["wins"] == 1
+    per_pair = win_rate(verdicts, first=[0, 1, 0, 0, 1])  # the order each pair was shown in
+    assert (per_pair["wins"], per_pair["losses"], per_pair["ties"]) == (2, 1, 1)
     assert np.isnan(win_rate([v(None)])["win_rate"])
 
 
