@@ -91,19 +91,23 @@ def cut_after_turn(messages: list[dict], k: int) -> list[dict]:
     return messages
 
 
-def turn_credit_advantages(trajs: list[Trajectory], batch: list[Scenario], reward_fn: Callable, cfg: "GRPOConfig"):
+def turn_credit_advantages(trajs: list[Trajectory], batch: list[Scenario], totals: list, reward_fn: Callable,
+                           cfg: "GRPOConfig"):
     """Per-turn advantages: each group's conversations are scored cut after each agent turn, the
     increments discounted into per-turn returns (:func:`grpo.objective.turn_returns`) and
-    normalised within the group. Returns ``(advantages per trajectory per turn, zero_std_groups)``."""
+    normalised within the group. Cut after the group's last turn they are whole, so their scores
+    are the group's ``totals``, already computed. Returns ``(advantages per trajectory per turn,
+    zero_std_groups)``."""
     returns = []
     for g, scen in enumerate(batch):
         group = trajs[g * cfg.group_size:(g + 1) * cfg.group_size]
         prefix: list[list[float]] = [[] for _ in group]
-        for k in range(1, max(t.turns for t in group) + 1):
-            totals, _ = reward_fn([cut_after_turn(t.messages, k) for t in group], scen)
+        last = max(t.turns for t in group)
+        for k in range(1, last + 1):
+            scores = totals[g] if k == last else reward_fn([cut_after_turn(t.messages, k) for t in group], scen)[0]
             for i, t in enumerate(group):
                 if t.turns >= k:
-                    prefix[i].append(float(totals[i]))
+                    prefix[i].append(float(scores[i]))
         returns += [turn_returns(p, cfg.turn_gamma) for p in prefix]
     return turn_advantages(returns, cfg.group_size, cfg.scale_rewards)
 
@@ -165,7 +169,7 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
                 comps.setdefault(k, []).extend(np.asarray(v).tolist())
         rewards = torch.cat(totals)
         if cfg.turn_credit:
-            per_turn, zero_groups = turn_credit_advantages(trajs, batch, reward_fn, cfg)
+            per_turn, zero_groups = turn_credit_advantages(trajs, batch, totals, reward_fn, cfg)
             adv = torch.tensor([a for ep in per_turn for a in ep])
         else:
             adv, zero_groups = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out)
