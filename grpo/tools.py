@@ -145,11 +145,15 @@ _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
 
 def instructions(tools: list[str]) -> str:
-    """The system-prompt text that declares a scenario's tools and the documented call format.
-    (SmolLM2's chat template has no tool support, so the declaration is plain text; the call format
-    is the Hermes/Qwen one, which templates with tool support also use.)"""
-    schemas = json.dumps([TOOLS[t].schema()["function"] for t in tools if t in TOOLS])
-    return (f"\nYou can use these tools: {schemas}\nTo call one, reply with only {CALL_FORMAT}. "
+    """The system-prompt text that declares a scenario's tools and the documented call format, with
+    an example call of the first tool. (SmolLM2's chat template has no tool support, so the
+    declaration is plain text, one line per tool rather than the JSON schemas: the schemas made a
+    tool scenario's prompt 227 tokens against 61 without, and GRPO's cost grows with it. The call
+    format is the Hermes/Qwen one, which templates with tool support also use.)"""
+    known = [TOOLS[t] for t in tools if t in TOOLS]
+    lines = [f"- {t.name}({', '.join(t.parameters['properties'])}): {t.description}" for t in known]
+    example = json.dumps({"name": known[0].name, "arguments": {a: "..." for a in known[0].parameters["required"]}}) if known else ""
+    return (f"\nYou can use these tools:\n" + "\n".join(lines) + f"\nTo call one, reply with only <tool_call>{example}</tool_call>. "
             "Its result comes back in a message from the tool; then answer the user.")
 
 

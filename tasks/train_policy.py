@@ -30,7 +30,7 @@ def run(params: dict) -> dict:
         if cfg.backend == "trl":
             from grpo.trl_backend import train_trl
 
-            model, history = train_trl(model, tok, scenarios, reward, cfg, params["rollout"], str(model.device), log_step)
+            model, history = train_trl(model, tok, scenarios, reward, env, cfg, model.device.type, log_step, paths["checkpoints"])
         elif cfg.backend == "native":
             model, history = train(model, tok, scenarios, reward, env, cfg, on_step=log_step, checkpoint_dir=paths["checkpoints"])
         else:

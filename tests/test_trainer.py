@@ -128,23 +128,73 @@ def test_grpo_learns_a_trivially_learnable_reward(tokenizer):
     assert last > first + 0.12, (first, last)
 
 
-def test_trl_backend_trains_with_our_reward_and_logs_the_native_metric_names(tokenizer, tiny_model):
+def test_trl_backend_runs_our_multi_turn_episodes_and_logs_the_native_metric_names(tokenizer, tiny_model, monkeypatch):
+    from trl import GRPOTrainer
+
     from grpo.trl_backend import train_trl
 
-    seen = []
+    env = ConversationEnvironment(tokenizer, max_turns=2, max_new_tokens=4)
+    seen, masks = [], []
 
     def reward(convs, scen):
-        seen.append((scen.id, len(convs)))
+        seen.append((scen.id, [[m["role"] for m in c] for c in convs]))
         raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
         return raw, {"length": raw}
 
+    compute_loss = GRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):  # what TRL's loss is masked with
+        masks.append((inputs["completion_mask"] * inputs["tool_mask"], inputs["completion_ids"]))
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
     cfg = GRPOConfig(steps=2, scenarios_per_step=2, group_size=2, lora_r=2, beta=0.1, backend="trl", learning_rate=1e-2)
-    rollout = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0}
-    peft, rows = train_trl(tiny_model, tokenizer, SCEN, reward, cfg, rollout, "cpu")
-    assert len(rows) == 2 and all(n == 2 for _, n in seen)  # each scenario's group scored together
-    native_names = {"reward_mean", "reward_std", "kl", "entropy", "loss", "completion_length", "reward/length"}
-    assert native_names <= set(rows[0])
+    peft, rows = train_trl(tiny_model, tokenizer, SCEN, reward, env, cfg, "cpu")
+    assert len(rows) == 2 and len(seen) == 4
+    for _, roles in seen:  # each scenario's group of 2 scored together, on whole two-turn episodes
+        assert roles == [["system", "user", "assistant", "user", "assistant"]] * 2
+    mask, ids = masks[0]
+    user_turn = tokenizer("<|im_start|>user", add_special_tokens=False)["input_ids"]
+    for m, row in zip(mask.tolist(), ids.tolist()):  # the follow-up's tokens sit in the completion, masked out
+        k = next(i for i in range(len(row)) if row[i:i + len(user_turn)] == user_turn)
+        assert not any(m[k:k + len(user_turn)]) and any(m[:k]) and any(m[k:])
+    names = {"reward_mean", "reward_std", "reward/length", "advantage_std", "zero_std_group_frac", "kl", "clip_low",
+             "clip_high", "entropy", "loss", "grad_norm", "completion_length", "truncated_turn_frac", "gen_tokens_per_s",
+             "tool_calls", "tool_success_rate", "update_tokens_per_s", "step_seconds", "step"}
+    from grpo.models import tiny_causal_lm
+
+    native_cfg = GRPOConfig(steps=1, scenarios_per_step=2, group_size=2, lora_r=2)
+    _, native_rows = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, native_cfg)
+    assert set(rows[0]) == names == set(native_rows[0]) - {"skipped_steps"}
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft.named_parameters())
+
+
+def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_path):
+    from grpo.models import tiny_causal_lm
+    from grpo.trl_backend import train_trl
+
+    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=4)
+
+    def reward(convs, scen):
+        raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
+        return raw, {"length": raw}
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_2(step, row):
+        if step == 2:
+            raise Killed
+
+    cfg = GRPOConfig(steps=3, scenarios_per_step=1, group_size=2, lora_r=2, checkpoint_every=1, backend="trl")
+    with pytest.raises(Killed):
+        train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", kill_at_2, str(tmp_path))
+    assert (tmp_path / "checkpoint-1" / "optimizer.pt").exists()
+    steps = []
+    _, history = train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu",
+                           lambda s, r: steps.append(s), str(tmp_path))
+    assert steps == [2, 3] and [r["step"] for r in history] == [1, 2, 3]
+    assert not tmp_path.exists()  # removed once training completes
 
 
 def test_turn_credit_maps_each_turn_advantage_onto_its_tokens(tokenizer, tiny_model):
