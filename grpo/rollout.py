@@ -4,7 +4,9 @@ A :class:`Trajectory` holds the token ids the model saw and sampled, in order, a
 ``assistant_mask`` that is 1 exactly on the tokens the policy sampled (its replies, including the
 end-of-turn token it chose). System, user, tool and template tokens are context and have mask 0.
 
-Each agent turn is one generation. A reply holding a tool call (grpo/tools.py: ``parse_call``) is
+Tools are declared by the model's chat template where it supports them (the template mentions
+``tools``), and as text in the system prompt otherwise (SmolLM2). Each agent turn is one
+generation. A reply holding a tool call (grpo/tools.py: ``parse_call``) is
 executed against the episode's own copy of the scenario backend and answered with a ``tool``
 message, and the agent speaks again; a malformed or failing call gets an error message and is
 counted, and the episode goes on. Otherwise the user answers: the scenario's scripted follow-ups
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo.scenarios import Scenario
-from grpo.tools import call_tool, parse_call
+from grpo.tools import call_tool, parse_call, schemas, template_declares_tools
 
 USER_SIMULATOR = ("You are role-playing a user who is talking to a {domain} agent. You are: {persona} "
                   "Your goal: {goal} Write only your next message to the agent, one or two short sentences, in "
@@ -51,8 +53,8 @@ class Trajectory:
             raise ValueError(f"trajectory {self.scenario_id}: assistant mask is all zeros")
 
 
-def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -100,11 +102,18 @@ class ConversationEnvironment:
         self.top_p = top_p
         self.user = user
         self.user_max_tokens = user_max_tokens
+        self.template_tools = template_declares_tools(tokenizer)
         self.stats: dict = {}
 
+    def first_messages(self, scenario: Scenario) -> list[dict]:
+        """The scenario's opening messages, its tools declared as text unless the chat template
+        declares them (:meth:`start` then passes their schemas to the template)."""
+        return scenario.first_messages(declare_tools=not self.template_tools)
+
     def start(self, scenario: Scenario, group: int) -> Trajectory:
-        messages = scenario.first_messages()
-        ids = encode(self.tok, render(self.tok, messages, True))
+        messages = self.first_messages(scenario)
+        tools = schemas(scenario.tools) if self.template_tools and scenario.tools else None
+        ids = encode(self.tok, render(self.tok, messages, True, tools))
         return Trajectory(scenario.id, group, messages, ids, [0] * len(ids))
 
     @torch.no_grad()

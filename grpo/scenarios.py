@@ -65,10 +65,12 @@ class Scenario(BaseModel):
     def system_prompt(self) -> str:
         return SYSTEM_PROMPTS.get(self.domain, SYSTEM_PROMPTS["customer_service"])
 
-    def first_messages(self) -> list[dict]:
+    def first_messages(self, declare_tools: bool = True) -> list[dict]:
+        """System prompt and opening. With ``declare_tools`` the scenario's tools are declared in the
+        system prompt as text; without, the caller's chat template declares them."""
         from grpo.tools import instructions
 
-        system = self.system_prompt() + (instructions(self.tools) if self.tools else "")
+        system = self.system_prompt() + (instructions(self.tools) if self.tools and declare_tools else "")
         return [{"role": "system", "content": system}, {"role": "user", "content": self.opening}]
 
 

@@ -144,6 +144,18 @@ CALL_FORMAT = '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</t
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
 
+def schemas(tools: list[str]) -> list[dict]:
+    """The OpenAI-style function schemas of a scenario's tools, for chat templates with tool support."""
+    return [TOOLS[t].schema() for t in tools if t in TOOLS]
+
+
+def template_declares_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a ``tools`` argument (Qwen, Llama 3.1, Hermes
+    ... do; SmolLM2's does not)."""
+    template = tokenizer.chat_template or ""
+    return "tools" in (template if isinstance(template, str) else " ".join(template.values()))
+
+
 def instructions(tools: list[str]) -> str:
     """The system-prompt text that declares a scenario's tools and the documented call format, with
     an example call of the first tool. (SmolLM2's chat template has no tool support, so the
@@ -159,9 +171,17 @@ def instructions(tools: list[str]) -> str:
 
 def parse_call(text: str) -> tuple[str, dict | str] | None:
     """``(name, arguments)`` of the first tool call in an agent reply, ``None`` if it makes none.
-    A malformed call comes back as ``("", reason)`` so the caller can report it to the agent."""
+    A call is ``<tool_call>{json}</tool_call>`` (Hermes, Qwen, our documented format) or a reply
+    that is only a JSON object with a ``name`` and ``arguments`` or ``parameters`` (Llama 3.1's
+    format). A malformed call comes back as ``("", reason)`` so the caller can report it to the agent."""
     m = _CALL.search(text or "")
     if not m:
+        try:
+            bare = json.loads((text or "").strip())
+        except json.JSONDecodeError:
+            return None
+        if isinstance(bare, dict) and isinstance(bare.get("name"), str) and ({"arguments", "parameters"} & set(bare)):
+            return bare["name"], bare.get("arguments", bare.get("parameters"))
         return None
     try:
         call = json.loads(m.group(1).strip())

@@ -71,11 +71,11 @@ def train_trl(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, 
     # rollout_func sees only the prompts, so each prompt must name one scenario
     by_prompt: dict[str, Scenario] = {}
     for s in scenarios:
-        by_prompt.setdefault(prompt_key(s.first_messages()), s)
+        by_prompt.setdefault(prompt_key(env.first_messages(s)), s)
     if len(by_prompt) < len(scenarios):
         log.warning("trl backend: %d scenario(s) share their first messages with another and are left out",
                     len(scenarios) - len(by_prompt))
-    dataset = Dataset.from_list([{"prompt": s.first_messages(), "scenario_id": s.id} for s in by_prompt.values()])
+    dataset = Dataset.from_list([{"prompt": env.first_messages(s), "scenario_id": s.id} for s in by_prompt.values()])
     by_id = {s.id: s for s in by_prompt.values()}
     step_stats: dict = {}  # filled by the rollout and the reward function, read by the logging callback
 

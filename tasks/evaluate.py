@@ -28,7 +28,8 @@ from grpo.io import atomic_path, write_json
 from grpo.models import load_causal_lm, load_tokenizer, pick_device
 from grpo.rewards import words
 from grpo.rollout import ConversationEnvironment, rollout_in_chunks
-from tasks.common import cli, load_reward, log_metrics, run_judge, setup_mlflow, stage_run
+from tasks.common import cli, log_metrics, setup_mlflow, stage_run
+from tasks.scoring import load_reward, run_judge
 
 
 def champion_policy(params: dict, dest: str) -> tuple[str | None, str | None]:

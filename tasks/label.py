@@ -28,7 +28,8 @@ from grpo.models import load_causal_lm, load_tokenizer, pick_device
 from grpo.reward_model import regression_metrics
 from grpo.rewards import aggregate, domain_weights, heuristic_components
 from grpo.rollout import ConversationEnvironment, rollout_in_chunks
-from tasks.common import cli, log_metrics, run_judge, stage_run
+from tasks.common import cli, log_metrics, stage_run
+from tasks.scoring import run_judge
 
 def run(params: dict) -> dict:
     paths, p, j = params["paths"], params["label"], params["judge"]

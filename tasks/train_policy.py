@@ -14,7 +14,8 @@ from grpo.io import atomic_path, write_json
 from grpo.models import load_causal_lm, load_tokenizer, pick_device
 from grpo.rollout import ConversationEnvironment
 from grpo.trainer import GRPOConfig, train
-from tasks.common import cli, load_reward, log_metrics, stage_run
+from tasks.common import cli, log_metrics, stage_run
+from tasks.scoring import load_reward
 
 
 def run(params: dict) -> dict:

@@ -33,3 +33,33 @@ def test_dag_has_the_expected_shape():
     assert up["calibrate"] == {"label", "train_reward"}
     assert {"base_model", "prepare", "train_reward", "calibrate"} <= up["train_policy"]
     assert up["register"] == {"train_policy", "train_reward", "evaluate"}
+
+
+def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
+    """The project files (grpo/, tasks/) a module imports, transitively, function-level imports
+    included."""
+    import ast
+
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            dep = ROOT / (name.replace(".", "/") + ".py")
+            if name.split(".")[0] in ("grpo", "tasks") and dep.exists() and dep not in seen:
+                seen.add(dep)
+                project_imports(dep, seen)
+    return seen
+
+
+def test_every_stage_depends_on_all_the_code_it_runs():
+    """A code change must make DVC rerun every stage whose output it can change."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = ROOT / "tasks" / f"{name}.py"
+        declared = {ROOT / d for d in stage["deps"] if isinstance(d, str) and d.endswith(".py")}
+        missing = sorted(str(p.relative_to(ROOT)) for p in (project_imports(module) | {module}) - declared)
+        assert not missing, f"dvc.yaml stage {name} lacks deps {missing}"

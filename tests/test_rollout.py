@@ -62,6 +62,12 @@ ORDER = Scenario(id="o", domain="customer_service", persona="p", goal="g", openi
                  backend={"orders": {"48213": {"status": "lost in transit", "items": ["lamp"], "total": 20.0, "refundable": True}}})
 
 
+# A Hermes-style template with tool support: the tools' schemas go into the system turn.
+TOOL_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+                 "{% if loop.first and tools %}{{ '\\n<tools>' + (tools | tojson) + '</tools>' }}{% endif %}"
+                 "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def scripted(env, replies):
     """Make ``env.generate`` answer with these texts, in order, one list per batched call."""
     calls = iter(replies)
@@ -101,6 +107,21 @@ def test_tool_calls_run_against_the_episode_backend_and_are_context(tokenizer, t
     assert env.stats["tool_calls"] == 3 and env.stats["tool_errors"] == 1
     assert masked_runs(a, tokenizer) == [m["content"] for m in a.messages if m["role"] == "assistant"]
     assert "check_order_status" in a.messages[0]["content"] and "<tool_call>" in a.messages[0]["content"]
+
+
+def test_a_chat_template_with_tool_support_declares_the_tools(tokenizer, tiny_model):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TOOL_TEMPLATE
+    env = ConversationEnvironment(tok, max_turns=2, max_new_tokens=64)
+    assert env.template_tools and not ConversationEnvironment(tokenizer).template_tools  # SmolLM2's has none
+    scripted(env, [['{"name": "check_order_status", "arguments": {"order_id": "48213"}}'], ["It was lost, sorry."]])
+    [t] = env.rollout(tiny_model, [ORDER], group_size=1)
+    prompt = tok.decode(t.input_ids[:t.assistant_mask.index(1)])
+    assert '<tools>[{"type": "function", "function": {"name": "check_order_status"' in prompt
+    assert "You can use these tools" not in prompt and "<tools>" not in t.messages[0]["content"]
+    assert (t.tool_calls, t.tool_errors) == (1, 0) and json.loads(t.messages[3]["content"])["status"] == "lost in transit"
 
 
 def test_token_ids_are_the_chat_template_rendering_with_tool_messages(tokenizer, tiny_model):

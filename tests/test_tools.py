@@ -16,6 +16,9 @@ def test_parse_call_finds_the_call_or_says_what_is_malformed():
     assert parse_call('Let me look. <tool_call>{"name": "check_order_status", "arguments": {"order_id": "7"}}</tool_call>') \
         == ("check_order_status", {"order_id": "7"})
     assert parse_call('<tool_call>{"name": "x"')[0] == ""  # cut off: malformed, not ignored
+    # Llama 3.1's format: the whole reply is the call
+    assert parse_call(' {"name": "lookup_account", "parameters": {"account_id": "a1"}}') == ("lookup_account", {"account_id": "a1"})
+    assert parse_call('{"price": 10}') is None and parse_call("{not json") is None
     assert 'needs a "name"' in parse_call('<tool_call>{"arguments": {}}</tool_call>')[1]
 
 
@@ -53,6 +56,8 @@ def test_tool_use_reward_and_agent_turns_without_call_markup():
     bad = good[:2] + [{"role": "tool", "content": '{"error": "no order"}'}] + good[3:]
     none = [{"role": "user", "content": "o"}, {"role": "assistant", "content": "It shipped."}]
     assert R.ToolUse()([good, bad, none], scen).tolist() == [1.0, 0.0, 0.0]
+    bare = [{"role": "assistant", "content": '{"name": "check_order_status", "arguments": {}}'}] + good[2:]
+    assert R.agent_turns(good) == R.agent_turns(bare) == ["It shipped."]  # calls are not replies to the user
     assert R.ToolUse()([good, none], plain).tolist() == [0.0, 1.0]
     assert R.agent_turns(good) == ["It shipped."]
     assert np.allclose(R.LengthBand(1, 5)([good], scen), R.LengthBand(1, 5)([none], scen))
