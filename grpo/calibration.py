@@ -7,7 +7,10 @@ differ. So every component is normalised on its own, before weighting.
 ====================  ========================================================================
 method                fitted on the labelled scores x of one component; applied as
 ====================  ========================================================================
-``zscore``            ``(x - mean) / max(std, min_std)``
+``zscore``            ``(x - mean) / max(std, min_std)``, clipped to [-max_z, max_z] (winsorised):
+                      without the clip, a rare event in a near-constant component (one unsafe
+                      reply where safety's std is 0.02) is worth -40 and drowns every other
+                      component, in the group advantages and in the evaluation mean
 ``minmax``            ``(x - min) / max(max - min, min_std)``, clipped to [0, 1]
 ``percentile``        ``(x - p_lo) / max(p_hi - p_lo, min_std)``, clipped to [0, 1]; robust to outliers
 ``isotonic``          a monotone map from x to the judge's score, fitted by isotonic regression on
@@ -25,10 +28,10 @@ METHODS = ("zscore", "minmax", "percentile", "isotonic")
 UNIT_RANGE = ("minmax", "percentile", "isotonic")  # methods whose output lies in [0, 1]
 
 
-def fit(x, method: str, min_std: float, percentiles=(5, 95), target=None) -> dict:
+def fit(x, method: str, min_std: float, percentiles=(5, 95), target=None, max_z: float | None = None) -> dict:
     x = np.asarray(x, dtype=float)
     if method == "zscore":
-        return {"method": method, "mean": float(x.mean()), "std": float(max(x.std(), min_std))}
+        return {"method": method, "mean": float(x.mean()), "std": float(max(x.std(), min_std)), "max_z": max_z}
     if method in ("minmax", "percentile"):
         lo, hi = (x.min(), x.max()) if method == "minmax" else np.percentile(x, percentiles)
         return {"method": method, "lo": float(lo), "scale": float(max(hi - lo, min_std))}
@@ -49,7 +52,8 @@ def apply(x, entry: Mapping) -> np.ndarray:
     x = np.asarray(x, dtype=float)
     m = entry["method"]
     if m == "zscore":
-        return (x - entry["mean"]) / entry["std"]
+        z = (x - entry["mean"]) / entry["std"]
+        return np.clip(z, -entry["max_z"], entry["max_z"]) if entry.get("max_z") else z
     if m in ("minmax", "percentile"):
         return np.clip((x - entry["lo"]) / entry["scale"], 0.0, 1.0)
     if m == "isotonic":
@@ -58,12 +62,12 @@ def apply(x, entry: Mapping) -> np.ndarray:
 
 
 def fit_all(components: Mapping[str, np.ndarray], method: str, overrides: Mapping[str, str] | None, min_std: float,
-            percentiles=(5, 95), target=None) -> dict:
+            percentiles=(5, 95), target=None, max_z: float | None = None) -> dict:
     """One normaliser per component: ``method``, or the component's entry in ``overrides``."""
     unknown = set(overrides or {}) - set(components)
     if unknown:
         raise KeyError(f"calibrate.per_component names unknown component(s) {sorted(unknown)}; known: {sorted(components)}")
-    return {k: fit(v, (overrides or {}).get(k, method), min_std, percentiles, target) for k, v in components.items()}
+    return {k: fit(v, (overrides or {}).get(k, method), min_std, percentiles, target, max_z) for k, v in components.items()}
 
 
 def apply_all(components: Mapping[str, np.ndarray], calibration: Mapping) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ def run(params: dict) -> dict:
             rm = RewardModel.load(paths["reward_model"], str(pick_device(params["device"])))
             comps["reward_model"] = rm.predict([json.loads(c) for c in df["conversation"]])
         target = df["judge_score"].where(df["label_source"] == "judge").to_numpy()
-        calibration = fit_all(comps, p["method"], p.get("per_component"), p["min_std"], p["percentiles"], target)
+        calibration = fit_all(comps, p["method"], p.get("per_component"), p["min_std"], p["percentiles"], target, p["max_z"])
         write_json(paths["calibration"], {"components": calibration})
 
         before, after = pd.DataFrame(comps), pd.DataFrame(apply_all(comps, calibration))

@@ -9,6 +9,10 @@ def test_zscore_minmax_and_percentile_formulas_with_the_std_floor():
     z = C.fit(x, "zscore", min_std=0.5)
     assert C.apply([x.mean()], z)[0] == 0 and z["std"] == pytest.approx(x.std())
     assert C.fit([2.0, 2.0], "zscore", min_std=0.5)["std"] == 0.5
+    safety = np.array([1.0] * 99 + [0.0])  # one unsafe reply: unclipped it scores -9.9
+    clipped = C.fit(safety, "zscore", 0.02, max_z=3.0)
+    assert C.apply([0.0], C.fit(safety, "zscore", 0.02))[0] < -9.9 and C.apply([0.0, 1.0], clipped)[0] == -3.0
+    assert C.apply([1.0], clipped)[0] == pytest.approx(0.1005, abs=1e-4)  # untouched inside the clip
     m = C.fit(x, "minmax", 0.01)
     assert C.apply([0, 50, 100, 200], m).tolist() == [0, 0.5, 1, 1]
     p = C.fit(x, "percentile", 0.01, percentiles=(0, 75))  # p75 = 3: the outlier 100 does not set the scale
