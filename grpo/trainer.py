@@ -1,9 +1,9 @@
 """A GRPO training loop that reads top to bottom: sample groups, score, normalise, update.
 
-Hand-written rather than TRL's GRPOTrainer because TRL's trainer generates single-turn completions;
-our episodes are multi-turn conversations with a user and tools in between, and the loss must touch
-only the tokens the policy sampled across all of its turns. ``backend: trl`` runs TRL's trainer on
-the first turn instead (grpo/trl_backend.py), as the ecosystem path and a reference.
+Hand-written rather than TRL's GRPOTrainer because it offers what TRL does not: per-turn credit,
+the leave-one-out baseline, skipping (and counting) updates with a non-finite gradient, and a
+loop a researcher can read top to bottom. ``backend: trl`` runs the same multi-turn episodes
+through TRL's trainer (grpo/trl_backend.py), as the ecosystem path and a reference.
 """
 
 from __future__ import annotations
