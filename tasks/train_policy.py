@@ -48,7 +48,7 @@ def run(params: dict) -> dict:
             "reward_first_quarter": sum(r["reward_mean"] for r in history[:k]) / k,
             "reward_last_quarter": sum(r["reward_mean"] for r in history[-k:]) / k,
             "kl_last": history[-1].get("kl", 0.0),
-            "skipped_steps": history[-1].get("skipped_steps", 0),
+            **({"skipped_steps": history[-1]["skipped_steps"]} if "skipped_steps" in history[-1] else {}),  # native only
             "seconds_per_step": sum(r["step_seconds"] for r in history) / len(history),
         }
         write_json(f"{paths['metrics']}/train.json", summary)
