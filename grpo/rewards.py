@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from grpo.calibration import UNIT_RANGE, apply_all
-from grpo.tools import parse_call
+from grpo.tools import CALL_PATTERN, parse_call
 
 Conversation = list[dict]
 
@@ -26,13 +26,10 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-_TOOL_CALL = re.compile(r"<tool_call>.*?(</tool_call>|$)", re.S)
-
-
 def agent_turns(conversation: Conversation) -> list[str]:
     """What the agent said to the user: its replies with tool calls cut out; pure calls (tagged or
     bare JSON, see :func:`grpo.tools.parse_call`) are skipped."""
-    texts = [_TOOL_CALL.sub("", m["content"] or "").strip() for m in conversation if m["role"] == "assistant"]
+    texts = [CALL_PATTERN.sub("", m["content"] or "").strip() for m in conversation if m["role"] == "assistant"]
     return [t for t in texts if t and not (t.startswith("{") and parse_call(t))]
 
 

@@ -141,7 +141,7 @@ def call_tool(name: str, arguments: dict | str, allowed: list[str], backend: dic
 
 
 CALL_FORMAT = '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
-_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+CALL_PATTERN = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
 
 def schemas(tools: list[str]) -> list[dict]:
@@ -174,7 +174,7 @@ def parse_call(text: str) -> tuple[str, dict | str] | None:
     A call is ``<tool_call>{json}</tool_call>`` (Hermes, Qwen, our documented format) or a reply
     that is only a JSON object with a ``name`` and ``arguments`` or ``parameters`` (Llama 3.1's
     format). A malformed call comes back as ``("", reason)`` so the caller can report it to the agent."""
-    m = _CALL.search(text or "")
+    m = CALL_PATTERN.search(text or "")
     if not m:
         try:
             bare = json.loads((text or "").strip())
