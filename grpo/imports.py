@@ -66,6 +66,7 @@ def mask_pii(text: str, counts: Counter) -> str:
         def f(m):
             counts[kind] += 1
             return token
+
         return f
 
     text = EMAIL.sub(sub("email", "[EMAIL]"), text)
@@ -130,11 +131,16 @@ def chat_fields(messages, where: str) -> dict:
 
 
 def mapped_fields(row: dict, columns: dict, where: str) -> dict:
-    missing = [c for c in [columns.get("opening"), columns.get("example_response"), *columns.get("tags", [])]
-               if c and c not in row]
+    missing = [
+        c
+        for c in [columns.get("opening"), columns.get("example_response"), *columns.get("tags", [])]
+        if c and c not in row
+    ]
     if "opening" not in columns or missing:
-        raise ScenarioError(f"{where}: column mapping needs 'opening' and existing columns; missing: "
-                            f"{', '.join(missing) or 'opening'} (columns present: {', '.join(row)})")
+        raise ScenarioError(
+            f"{where}: column mapping needs 'opening' and existing columns; missing: "
+            f"{', '.join(missing) or 'opening'} (columns present: {', '.join(row)})"
+        )
     out = {"opening": str(row[columns["opening"]])}
     if columns.get("example_response"):
         out["example_responses"] = [str(row[columns["example_response"]])]

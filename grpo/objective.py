@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
-                     leave_one_out: bool = False):
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, leave_one_out: bool = False
+):
     """(r - group mean) / std, with ``scale`` = ``group`` (per-group std), ``batch`` (one std over
     the batch) or ``none``. With ``leave_one_out`` the baseline of each completion is the mean of the
     *other* completions of its group (RLOO): r_i - mean_{j!=i} r_j = G/(G-1) * (r_i - mean).
@@ -38,8 +39,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return adv.reshape(-1), int(zero.sum())
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1,
-                   entropy: bool = False):
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1, entropy: bool = False):
     """Log-probability of each token from position ``start`` on, given its prefix; shape
     (B, T-start), aligned to ``input_ids[:, start:]``. Logits (the vocabulary projection is a
     fifth of the model's compute) are computed only for the positions that predict those tokens.
@@ -80,7 +80,7 @@ def turn_advantages(returns: list[list[float]], group_size: int, scale: str = "g
     out, zero = [], 0
     flat_all = torch.tensor([g for ep in returns for g in ep])
     for start in range(0, len(returns), group_size):
-        group = returns[start:start + group_size]
+        group = returns[start : start + group_size]
         flat = torch.tensor([g for ep in group for g in ep])
         std = flat.std() if len(flat) > 1 else torch.tensor(0.0)
         if std < 1e-8:
@@ -92,8 +92,17 @@ def turn_advantages(returns: list[list[float]], group_size: int, scale: str = "g
     return out, zero
 
 
-def per_token_loss(logp, old_logp, advantages, epsilon: float, epsilon_high: float,
-                   ref_logp=None, beta: float = 0.0, mask=None, level: str = "token"):
+def per_token_loss(
+    logp,
+    old_logp,
+    advantages,
+    epsilon: float,
+    epsilon_high: float,
+    ref_logp=None,
+    beta: float = 0.0,
+    mask=None,
+    level: str = "token",
+):
     """Per-token clipped-surrogate loss plus ``beta`` * k3 KL; also returns the clip masks.
     ``advantages`` is one per sequence (B,) or one per token (B, T) (per-turn credit).
 
@@ -120,8 +129,9 @@ def per_token_loss(logp, old_logp, advantages, epsilon: float, epsilon_high: flo
     return loss, kl, clip_low, clip_high
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, loss_type: str, n_seqs: int, n_tokens: int,
-              max_completion_len: int) -> torch.Tensor:
+def aggregate(
+    loss: torch.Tensor, mask: torch.Tensor, loss_type: str, n_seqs: int, n_tokens: int, max_completion_len: int
+) -> torch.Tensor:
     """Reduce per-token losses of a micro-batch to its share of the batch loss (TRL's formulas).
 
     * ``grpo``:    mean over sequences of (mean over each sequence's tokens)

@@ -48,10 +48,14 @@ class Scenario(BaseModel):
     opening: str = Field(description="the user's first message")
     followups: list[str] = Field(default_factory=list, description="scripted user replies, one per later agent turn")
     expected_behaviours: list[str] = Field(default_factory=list, description="what a good agent does, in words")
-    example_responses: list[str] = Field(default_factory=list, description="good agent replies (imports: the reference reply)")
+    example_responses: list[str] = Field(
+        default_factory=list, description="good agent replies (imports: the reference reply)"
+    )
     keywords: list[str] = Field(default_factory=list, description="words a good answer tends to use")
     tools: list[str] = Field(default_factory=list, description="tool names from grpo.tools.TOOLS the agent may call")
-    backend: dict[str, Any] = Field(default_factory=dict, description="data the tools read and write (orders, accounts ...)")
+    backend: dict[str, Any] = Field(
+        default_factory=dict, description="data the tools read and write (orders, accounts ...)"
+    )
     success_criteria: list[str] = Field(default_factory=list, description="what must be true at the end for success")
     difficulty: str = "medium"
     tags: list[str] = Field(default_factory=list)
@@ -91,7 +95,9 @@ def describe(err: ValidationError) -> str:
 def parse(entries: list, where: str) -> list[Scenario]:
     out = []
     for i, entry in enumerate(entries):
-        label = f"{where}: entry {i}" + (f" (id {entry.get('id')!r})" if isinstance(entry, dict) and "id" in entry else "")
+        label = f"{where}: entry {i}" + (
+            f" (id {entry.get('id')!r})" if isinstance(entry, dict) and "id" in entry else ""
+        )
         if not isinstance(entry, dict):
             raise ScenarioError(f"{label}: expected a mapping, got {type(entry).__name__}")
         try:
@@ -111,14 +117,20 @@ def load_file(path: Path) -> list[Scenario]:
     if raw is None:
         raise ScenarioError(f"{path}: file is empty")
     if isinstance(raw, list):
-        raise ScenarioError(f"{path}: schema version 1 (a bare list of scenarios) is no longer read. Migrate it: "
-                            f"put the list under 'scenarios:', add 'schema_version: {SCHEMA_VERSION}' above it, "
-                            "and give each scenario a 'goal' (README.md, 'Scenario files').")
+        raise ScenarioError(
+            f"{path}: schema version 1 (a bare list of scenarios) is no longer read. Migrate it: "
+            f"put the list under 'scenarios:', add 'schema_version: {SCHEMA_VERSION}' above it, "
+            "and give each scenario a 'goal' (README.md, 'Scenario files')."
+        )
     if not isinstance(raw, dict) or "scenarios" not in raw:
-        raise ScenarioError(f"{path}: expected a mapping with 'schema_version' and 'scenarios', got {type(raw).__name__}")
+        raise ScenarioError(
+            f"{path}: expected a mapping with 'schema_version' and 'scenarios', got {type(raw).__name__}"
+        )
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ScenarioError(f"{path}: schema_version {version!r} is not supported; this code reads version {SCHEMA_VERSION}")
+        raise ScenarioError(
+            f"{path}: schema_version {version!r} is not supported; this code reads version {SCHEMA_VERSION}"
+        )
     if not isinstance(raw["scenarios"], list):
         raise ScenarioError(f"{path}: 'scenarios' must be a list, got {type(raw['scenarios']).__name__}")
     return parse(raw["scenarios"], str(path))
@@ -162,7 +174,9 @@ def split(df: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFra
     level = {d: i for i, d in enumerate(DIFFICULTIES)}
     eval_families = set()
     for _, group in fam.groupby("domain", sort=True):
-        ordered = sorted(zip(group["difficulty"], group["family"]), key=lambda x: (level.get(x[0], len(level)), _rank(seed, x[1])))
+        ordered = sorted(
+            zip(group["difficulty"], group["family"]), key=lambda x: (level.get(x[0], len(level)), _rank(seed, x[1]))
+        )
         names = [f for _, f in ordered]
         n = len(names)
         n_eval = max(1, round(n * eval_fraction)) if n > 1 else 0
@@ -173,8 +187,10 @@ def split(df: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFra
 
 def leaked_families(train: pd.DataFrame, evaluation: pd.DataFrame) -> list[str]:
     """Families with scenarios on both sides. A multi-issue family 'a+b' counts as both a and b."""
+
     def parts(df):
         return {p for f in df["family"] for p in f.split("+")}
+
     return sorted(parts(train) & parts(evaluation))
 
 

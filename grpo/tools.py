@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 class ToolError(ValueError):
@@ -35,19 +35,24 @@ class ToolError(ValueError):
 class Tool:
     name: str
     description: str
-    parameters: dict          # JSON schema of the arguments
-    table: str | None         # backend table the tool needs to exist, None if it creates it
+    parameters: dict  # JSON schema of the arguments
+    table: str | None  # backend table the tool needs to exist, None if it creates it
     run: Callable[[dict, dict], dict]
 
     def schema(self) -> dict:
         """OpenAI / chat-template function description."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description,
-                                                 "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 def _obj(**props: str) -> dict:
-    return {"type": "object", "properties": {k: {"type": "string", "description": v} for k, v in props.items()},
-            "required": list(props)}
+    return {
+        "type": "object",
+        "properties": {k: {"type": "string", "description": v} for k, v in props.items()},
+        "required": list(props),
+    }
 
 
 def _order(backend: dict, args: dict) -> tuple[str, dict]:
@@ -86,7 +91,9 @@ def search_knowledge_base(backend: dict, args: dict) -> dict:
     if not query:
         raise ToolError("query must not be empty")
     articles = backend.get("knowledge_base", [])
-    scored = sorted(articles, key=lambda a: -len(query & set(re.findall(r"[a-z0-9]+", (a["title"] + " " + a["text"]).lower()))))
+    scored = sorted(
+        articles, key=lambda a: -len(query & set(re.findall(r"[a-z0-9]+", (a["title"] + " " + a["text"]).lower())))
+    )
     return {"results": scored[:2]}
 
 
@@ -99,18 +106,46 @@ def create_ticket(backend: dict, args: dict) -> dict:
     return {"ticket_id": f"T-{len(tickets):04d}", "status": "open"}
 
 
-TOOLS: dict[str, Tool] = {t.name: t for t in [
-    Tool("check_order_status", "Look up an order's status, items and total.", _obj(order_id="the order number"),
-         "orders", check_order_status),
-    Tool("process_refund", "Refund an order in full if it is eligible.", _obj(order_id="the order number"),
-         "orders", process_refund),
-    Tool("lookup_account", "Look up a customer account.", _obj(account_id="the account id"),
-         "accounts", lookup_account),
-    Tool("search_knowledge_base", "Search help articles and the product catalogue.", _obj(query="search words"),
-         "knowledge_base", search_knowledge_base),
-    Tool("create_ticket", "Open a support ticket for follow-up by a specialist.",
-         _obj(summary="what the problem is", priority="low, normal or high"), None, create_ticket),
-]}
+TOOLS: dict[str, Tool] = {
+    t.name: t
+    for t in [
+        Tool(
+            "check_order_status",
+            "Look up an order's status, items and total.",
+            _obj(order_id="the order number"),
+            "orders",
+            check_order_status,
+        ),
+        Tool(
+            "process_refund",
+            "Refund an order in full if it is eligible.",
+            _obj(order_id="the order number"),
+            "orders",
+            process_refund,
+        ),
+        Tool(
+            "lookup_account",
+            "Look up a customer account.",
+            _obj(account_id="the account id"),
+            "accounts",
+            lookup_account,
+        ),
+        Tool(
+            "search_knowledge_base",
+            "Search help articles and the product catalogue.",
+            _obj(query="search words"),
+            "knowledge_base",
+            search_knowledge_base,
+        ),
+        Tool(
+            "create_ticket",
+            "Open a support ticket for follow-up by a specialist.",
+            _obj(summary="what the problem is", priority="low, normal or high"),
+            None,
+            create_ticket,
+        ),
+    ]
+}
 
 
 def unresolved(tools: list[str], backend: dict) -> tuple[list[str], list[str]]:
@@ -164,9 +199,17 @@ def instructions(tools: list[str]) -> str:
     format is the Hermes/Qwen one, which templates with tool support also use.)"""
     known = [TOOLS[t] for t in tools if t in TOOLS]
     lines = [f"- {t.name}({', '.join(t.parameters['properties'])}): {t.description}" for t in known]
-    example = json.dumps({"name": known[0].name, "arguments": {a: "..." for a in known[0].parameters["required"]}}) if known else ""
-    return (f"\nYou can use these tools:\n" + "\n".join(lines) + f"\nTo call one, reply with only <tool_call>{example}</tool_call>. "
-            "Its result comes back in a message from the tool; then answer the user.")
+    example = (
+        json.dumps({"name": known[0].name, "arguments": {a: "..." for a in known[0].parameters["required"]}})
+        if known
+        else ""
+    )
+    return (
+        "\nYou can use these tools:\n"
+        + "\n".join(lines)
+        + f"\nTo call one, reply with only <tool_call>{example}</tool_call>. "
+        "Its result comes back in a message from the tool; then answer the user."
+    )
 
 
 def parse_call(text: str) -> tuple[str, dict | str] | None:

@@ -70,7 +70,9 @@ def validate(df: pd.DataFrame, suite_path: str | Path) -> dict:
         "failed": len(failures),
         "rows": len(df),
         "failures": failures,
-        "expectations": [r.expectation_config.type + ":" + str(r.expectation_config.kwargs.get("column")) for r in result.results],
+        "expectations": [
+            r.expectation_config.type + ":" + str(r.expectation_config.kwargs.get("column")) for r in result.results
+        ],
     }
     if not report["success"]:
         raise ValidationFailed(report)

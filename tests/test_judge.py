@@ -14,22 +14,29 @@ GROUP = [[SYSTEM, OPEN, {"role": "assistant", "content": f"Reply {i}"}] for i in
 
 
 def answer(scores) -> str:
-    return json.dumps({"scores": [{"id": str(i + 1), "score": s, "explanation": f"because {i}"} for i, s in enumerate(scores)]})
+    return json.dumps(
+        {"scores": [{"id": str(i + 1), "score": s, "explanation": f"because {i}"} for i, s in enumerate(scores)]}
+    )
 
 
 def test_parse_answer_accepts_good_json_in_any_order_and_surrounding_text():
-    text = "Sure! " + json.dumps({"scores": [{"id": "2", "score": 1}, {"id": "1", "score": 0.25, "explanation": "meh"}]})
+    text = "Sure! " + json.dumps(
+        {"scores": [{"id": "2", "score": 1}, {"id": "1", "score": 0.25, "explanation": "meh"}]}
+    )
     assert parse_answer(text, 2) == ([0.25, 1.0], ["meh", ""])
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("I think the first one is best.", "no JSON object"),
-    ('{"scores": [{"id": "1", "score": 0.5},]}', "invalid JSON"),
-    (answer([0.5, 0.5]), "expected 3 scores, got 2"),
-    (json.dumps({"scores": [{"id": i, "score": 0.5} for i in ("1", "2", "9")]}), "do not match"),
-    (answer([0.5, 7, 0.1]), "score 7 for id '2' is not a number from 0 to 1"),
-    (json.dumps({"verdict": "good"}), 'expected a "scores" list'),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("I think the first one is best.", "no JSON object"),
+        ('{"scores": [{"id": "1", "score": 0.5},]}', "invalid JSON"),
+        (answer([0.5, 0.5]), "expected 3 scores, got 2"),
+        (json.dumps({"scores": [{"id": i, "score": 0.5} for i in ("1", "2", "9")]}), "do not match"),
+        (answer([0.5, 7, 0.1]), "score 7 for id '2' is not a number from 0 to 1"),
+        (json.dumps({"verdict": "good"}), 'expected a "scores" list'),
+    ],
+)
 def test_parse_answer_says_what_is_wrong(text, problem):
     with pytest.raises(JudgeFormatError, match=problem):
         parse_answer(text, 3)
@@ -52,15 +59,26 @@ class Scripted:
         reply = self.replies.pop(0)
         if isinstance(reply, int):
             return httpx.Response(reply, json={"error": {"message": "boom"}})
-        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                         "choices": [{"index": 0, "finish_reason": "stop",
-                                                      "message": {"role": "assistant", "content": reply}}]})
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
+            },
+        )
 
 
 def judge_with(script: Scripted, **kw) -> Judge:
     config = JudgeConfig(model="m", base_url="http://judge.test/v1", max_concurrency=1, **kw)
-    client = openai.OpenAI(base_url=config.base_url, api_key="secret-key", max_retries=kw.get("max_retries", 0),
-                           http_client=httpx.Client(transport=httpx.MockTransport(script)))
+    client = openai.OpenAI(
+        base_url=config.base_url,
+        api_key="secret-key",
+        max_retries=kw.get("max_retries", 0),
+        http_client=httpx.Client(transport=httpx.MockTransport(script)),
+    )
     return Judge(config, client)
 
 
@@ -100,8 +118,10 @@ def test_cache_answers_reruns_without_asking_and_never_holds_the_key(tmp_path):
 
 def test_the_real_openai_path_against_the_project_server(tiny_model_dir, tmp_path):
     """A tiny random model answers nonsense: the judge repairs once, then falls back, and says why."""
-    app = create_app(lambda: (load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), "tiny"),
-                     Limits(max_tokens=16, max_prompt_tokens=4096))
+    app = create_app(
+        lambda: (load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), "tiny"),
+        Limits(max_tokens=16, max_prompt_tokens=4096),
+    )
     with serve_in_thread(app) as url:
         j = Judge(JudgeConfig(model="tiny", base_url=f"{url}/v1", max_tokens=16, max_concurrency=2))
         verdicts = j.judge_groups([("sales", GROUP), ("tutoring", GROUP)], tmp_path)

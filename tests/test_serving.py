@@ -22,7 +22,9 @@ def server(tiny_model_dir):
         loads.append(1)
         return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), f"tiny-{len(loads)}"
 
-    app = create_app(load, Limits(max_tokens=16, max_prompt_tokens=200, batch_wait_s=0.3, max_concurrent=8), api_key=KEY)
+    app = create_app(
+        load, Limits(max_tokens=16, max_prompt_tokens=200, batch_wait_s=0.3, max_concurrent=8), api_key=KEY
+    )
     with serve_in_thread(app) as url:
         yield url, app
 
@@ -36,7 +38,11 @@ MSGS = [{"role": "user", "content": "My order is late."}]
 
 def metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 def test_openai_sdk_gets_a_reply(server):
@@ -59,19 +65,24 @@ def test_concurrent_requests_are_batched(server):
     url, _ = server
     before = metric(url, "generate_calls_total")
     with ThreadPoolExecutor(6) as pool:
-        replies = list(pool.map(lambda _: client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=4), range(6)))
+        replies = list(
+            pool.map(lambda _: client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=4), range(6))
+        )
     assert len(replies) == 6
     calls = metric(url, "generate_calls_total") - before
     assert 1 <= calls < 6
 
 
-@pytest.mark.parametrize("body, status, text", [
-    ({"messages": [{"role": "bogus", "content": "x"}]}, 400, "messages.0.role"),
-    ({"messages": []}, 400, "messages"),
-    ({"messages": MSGS, "max_tokens": 999}, 400, "exceeds"),
-    ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "prompt is"),
-    ({}, 400, "messages"),
-])
+@pytest.mark.parametrize(
+    "body, status, text",
+    [
+        ({"messages": [{"role": "bogus", "content": "x"}]}, 400, "messages.0.role"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": MSGS, "max_tokens": 999}, 400, "exceeds"),
+        ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "prompt is"),
+        ({}, 400, "messages"),
+    ],
+)
 def test_malformed_requests_get_4xx_json(server, body, status, text):
     url, _ = server
     r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
@@ -89,7 +100,10 @@ def test_bearer_token_required_except_health(server):
 def test_reload_keeps_in_flight_requests(server):
     url, app = server
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(lambda: client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=4)) for _ in range(4)]
+        futures = [
+            pool.submit(lambda: client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=4))
+            for _ in range(4)
+        ]
         app.state.server.reload()
         assert all(f.result().choices[0].message.content is not None for f in futures)
     assert client(url).models.list().data[0].id == app.state.server.name != "tiny-1"
