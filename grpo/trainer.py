@@ -13,56 +13,72 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from grpo import checkpoint
+from grpo.config import Config
 from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
 from grpo.rollout import ConversationEnvironment, Trajectory
 from grpo.scenarios import Scenario
 
 
-@dataclass
-class GRPOConfig:
-    steps: int = 16                 # optimisation steps (one generation round each)
-    scenarios_per_step: int = 4     # groups per step
-    group_size: int = 4             # completions per scenario
-    learning_rate: float = 2e-4
-    lora_r: int = 16
-    lora_alpha: int = 32
-    beta: float = 0.04              # k3 KL weight; 0 skips the reference forward entirely
-    epsilon: float = 0.2
-    epsilon_high: float = 0.28
-    loss_type: str = "grpo"         # grpo | bnpo | dr_grpo | dapo
-    scale_rewards: str = "group"    # group | batch | none
-    leave_one_out: bool = False     # RLOO baseline instead of the group mean
-    importance_sampling_level: str = "token"  # token (GRPO) | sequence (GSPO)
-    num_iterations: int = 1         # updates per generation round
-    micro_batch_size: int = 8
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 0       # steps between checkpoints; 0 disables them
-    turn_credit: bool = False       # each agent turn's tokens get their own discounted return
-    turn_gamma: float = 0.9         # discount of later turns' contributions (turn_credit)
-    backend: str = "native"         # native (this loop) | trl (grpo/trl_backend.py)
+class GRPOConfig(Config):
+    """GRPO training settings (params.yaml ``train_policy``), shared by both backends."""
+
+    backend: Literal["native", "trl"] = Field("native", description="native: this loop; trl: grpo/trl_backend.py")
+    steps: int = Field(16, ge=1, description="optimisation steps (one generation round each)")
+    scenarios_per_step: int = Field(4, ge=1, description="groups per step")
+    group_size: int = Field(4, ge=2, description="completions per scenario")
+    learning_rate: float = Field(2e-4, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    beta: float = Field(0.04, ge=0, description="k3 KL weight; 0 skips the reference forward entirely")
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: float = Field(0.28, gt=0)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    leave_one_out: bool = Field(False, description="RLOO baseline instead of the group mean")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="token (GRPO) | sequence (GSPO)"
+    )
+    num_iterations: int = Field(1, ge=1, description="updates per generation round")
+    micro_batch_size: int = Field(8, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 disables them")
+    turn_credit: bool = Field(False, description="each agent turn's tokens get their own discounted return")
+    turn_gamma: float = Field(0.9, ge=0, le=1, description="discount of later turns' contributions (turn_credit)")
     seed: int = 0
 
-    @classmethod
-    def from_params(cls, params: dict) -> "GRPOConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise KeyError(f"train_policy: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**params)
+
+def lora_config(cfg: GRPOConfig) -> LoraConfig:
+    """The LoRA adapter both backends train: every linear layer, no dropout."""
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 def add_lora(model, cfg: GRPOConfig):
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora_config(cfg))
+
+
+@dataclass
+class MicroBatch:
+    """A padded slice of the step's trajectories with everything its loss needs."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    mask: torch.Tensor  # the loss mask, aligned with ids[:, start:]
+    start: int
+    advantages: torch.Tensor  # (B,) one per sequence, or (B, T - start) one per token (turn_credit)
+    old_logp: torch.Tensor | None  # the sampling policy's; None with num_iterations 1 (logp.detach() is exact)
+    ref_logp: torch.Tensor | None  # the base's (adapter disabled); None with beta 0
 
 
 def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -91,8 +107,9 @@ def cut_after_turn(messages: list[dict], k: int) -> list[dict]:
     return messages
 
 
-def turn_credit_advantages(trajs: list[Trajectory], batch: list[Scenario], totals: list, reward_fn: Callable,
-                           cfg: "GRPOConfig"):
+def turn_credit_advantages(
+    trajs: list[Trajectory], batch: list[Scenario], totals: list, reward_fn: Callable, cfg: GRPOConfig
+):
     """Per-turn advantages: each group's conversations are scored cut after each agent turn, the
     increments discounted into per-turn returns (:func:`grpo.objective.turn_returns`) and
     normalised within the group. Cut after the group's last turn they are whole, so their scores
@@ -100,7 +117,7 @@ def turn_credit_advantages(trajs: list[Trajectory], batch: list[Scenario], total
     zero_std_groups)``."""
     returns = []
     for g, scen in enumerate(batch):
-        group = trajs[g * cfg.group_size:(g + 1) * cfg.group_size]
+        group = trajs[g * cfg.group_size : (g + 1) * cfg.group_size]
         prefix: list[list[float]] = [[] for _ in group]
         last = max(t.turns for t in group)
         for k in range(1, last + 1):
@@ -112,11 +129,13 @@ def turn_credit_advantages(trajs: list[Trajectory], batch: list[Scenario], total
     return turn_advantages(returns, cfg.group_size, cfg.scale_rewards)
 
 
-def token_advantages(trajs: list[Trajectory], per_turn: list[list[float]], width: int, start: int, device) -> torch.Tensor:
+def token_advantages(
+    trajs: list[Trajectory], per_turn: list[list[float]], width: int, start: int, device
+) -> torch.Tensor:
     """(B, width - start) advantages aligned with :func:`pad_batch`'s loss mask: the k-th run of
     sampled tokens (the k-th agent turn) gets the k-th turn's advantage."""
     out = torch.zeros(len(trajs), width)
-    for i, (t, advs) in enumerate(zip(trajs, per_turn)):
+    for i, (t, advs) in enumerate(zip(trajs, per_turn, strict=True)):
         k, prev = -1, 0
         for pos, m in enumerate(t.assistant_mask):
             k += bool(m and not prev)
@@ -126,24 +145,199 @@ def token_advantages(trajs: list[Trajectory], per_turn: list[list[float]], width
     return out[:, start:].to(device)
 
 
-def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env: ConversationEnvironment,
-          cfg: GRPOConfig, on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: str | None = None):
+def sample(model, scenarios: list[Scenario], order: list[int], env: ConversationEnvironment, cfg: GRPOConfig):
+    """The step's scenarios, taken from the seeded cycling ``order`` (consumed in place, refilled
+    with a fresh shuffle when short), each rolled out ``group_size`` times. Returns
+    ``(batch, trajectories, generation stats)``."""
+    if len(order) < cfg.scenarios_per_step:
+        order += random.sample(range(len(scenarios)), len(scenarios))
+    batch = [scenarios[order.pop(0)] for _ in range(cfg.scenarios_per_step)]
+    trajs = env.rollout(model, batch, cfg.group_size)
+    return batch, trajs, dict(env.stats)
+
+
+def score(trajs: list[Trajectory], batch: list[Scenario], reward_fn: Callable, cfg: GRPOConfig):
+    """Each scenario's group scored together. Returns ``(reward tensor per group, raw components)``."""
+    totals, comps = [], {}
+    for g, scen in enumerate(batch):
+        group = trajs[g * cfg.group_size : (g + 1) * cfg.group_size]
+        total, raw = reward_fn([t.messages for t in group], scen)
+        totals.append(torch.as_tensor(total, dtype=torch.float32))
+        for k, v in raw.items():
+            comps.setdefault(k, []).extend(np.asarray(v).tolist())
+    return totals, comps
+
+
+def advantages(
+    trajs: list[Trajectory], batch: list[Scenario], totals: list[torch.Tensor], reward_fn: Callable, cfg: GRPOConfig
+):
+    """Group-relative advantages, one per trajectory, or with ``turn_credit`` one per agent turn.
+    Returns ``(all advantages as one flat tensor, per-turn advantages or None, zero-std groups)``."""
+    if cfg.turn_credit:
+        per_turn, zero_std = turn_credit_advantages(trajs, batch, totals, reward_fn, cfg)
+        return torch.tensor([a for ep in per_turn for a in ep]), per_turn, zero_std
+    adv, zero_std = group_advantages(
+        torch.cat(totals), cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out
+    )
+    return adv, None, zero_std
+
+
+def micro_batches(
+    model, trajs: list[Trajectory], adv: torch.Tensor, per_turn: list[list[float]] | None, pad_id: int, cfg: GRPOConfig
+) -> list[MicroBatch]:
+    """The step's trajectories in padded micro-batches with their advantages (per token from
+    ``per_turn`` when given) and, without gradient, the old-policy and reference log-probs."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(trajs), cfg.micro_batch_size):
+        part = trajs[i : i + cfg.micro_batch_size]
+        ids, attn, mask, start = pad_batch(part, pad_id, device)
+        if per_turn is not None:
+            a = token_advantages(part, per_turn[i : i + cfg.micro_batch_size], ids.shape[1], start, device)
+        else:
+            a = adv[i : i + cfg.micro_batch_size].to(device)
+        with torch.no_grad():
+            old = token_logprobs(model, ids, attn, start) if cfg.num_iterations > 1 else None
+            ref = None
+            if cfg.beta > 0:
+                with model.disable_adapter():
+                    ref = token_logprobs(model, ids, attn, start)
+        out.append(MicroBatch(ids, attn, mask, start, a, old, ref))
+    return out
+
+
+def update(model, opt, micro: list[MicroBatch], n_tokens: int, max_len: int, step: int, cfg: GRPOConfig):
+    """``num_iterations`` clipped-surrogate updates on the step's micro-batches, with gradient
+    clipping; an update whose gradient norm is not finite is skipped (counted, never applied).
+    Returns ``(stats, last grad norm, updates skipped)``."""
+    n_seqs = sum(len(mb.ids) for mb in micro)
+    stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
+    skipped = 0
+    for it in range(cfg.num_iterations):
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for mb in micro:
+            if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
+                logp, ent = token_logprobs(model, mb.ids, mb.attn, mb.start, entropy=True)
+                stats["entropy"] += (ent * mb.mask).sum().item() / n_tokens
+            else:
+                logp = token_logprobs(model, mb.ids, mb.attn, mb.start)
+            old_logp = mb.old_logp if mb.old_logp is not None else logp.detach()
+            loss_tok, kl, lo, hi = per_token_loss(
+                logp,
+                old_logp,
+                mb.advantages,
+                cfg.epsilon,
+                cfg.epsilon_high,
+                mb.ref_logp,
+                cfg.beta,
+                mb.mask,
+                cfg.importance_sampling_level,
+            )
+            loss = aggregate(loss_tok, mb.mask, cfg.loss_type, n_seqs, n_tokens, max_len)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
+            loss.backward()
+            step_loss += loss.item()
+            m = mb.mask.bool()
+            stats["kl"] += (kl[m].sum().item() if kl is not None else 0.0) / n_tokens / cfg.num_iterations
+            stats["clip_low"] += lo[m].sum().item() / n_tokens / cfg.num_iterations
+            stats["clip_high"] += hi[m].sum().item() / n_tokens / cfg.num_iterations
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not math.isfinite(float(grad_norm)):
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            continue
+        opt.step()
+        stats["loss"] += step_loss / cfg.num_iterations
+    return stats, grad_norm, skipped
+
+
+def reward_metrics(rewards: torch.Tensor, comps: dict, adv: torch.Tensor, zero_std: int, n_groups: int) -> dict:
+    """The reward and advantage figures of a step's metrics row (both backends)."""
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        **{f"reward/{k}": float(np.mean(v)) for k, v in comps.items()},
+        "advantage_std": float(adv.std()),
+        "zero_std_group_frac": zero_std / n_groups,
+    }
+
+
+def truncated_turn_frac(trajs: list[Trajectory]) -> float:
+    """The share of agent turns cut at ``max_new_tokens``."""
+    return sum(t.truncated_turns for t in trajs) / max(1, sum(t.turns for t in trajs))
+
+
+def generation_metrics(gen_stats: dict) -> dict:
+    """Generation throughput and tool use from a rollout's ``env.stats`` (both backends)."""
+    calls = gen_stats["tool_calls"]
+    return {
+        "gen_tokens_per_s": gen_stats["gen_tokens_per_s"],
+        "tool_calls": calls,
+        "tool_success_rate": 1 - gen_stats["tool_errors"] / calls if calls else float("nan"),
+    }
+
+
+def step_metrics(
+    step: int,
+    trajs: list[Trajectory],
+    totals: list[torch.Tensor],
+    comps: dict,
+    adv: torch.Tensor,
+    zero_std: int,
+    gen_stats: dict,
+    stats: dict,
+    grad_norm,
+    skipped: int,
+    n_tokens: int,
+    update_s: float,
+    t0: float,
+    cfg: GRPOConfig,
+) -> dict:
+    """The step's metrics row."""
+    return {
+        "step": step + 1,
+        **reward_metrics(torch.cat(totals), comps, adv, zero_std, len(totals)),
+        "completion_length": sum(sum(t.assistant_mask) for t in trajs) / len(trajs),
+        "truncated_turn_frac": truncated_turn_frac(trajs),
+        "grad_norm": float(grad_norm),
+        "skipped_steps": skipped,
+        **generation_metrics(gen_stats),
+        "update_tokens_per_s": n_tokens * cfg.num_iterations / max(update_s, 1e-9),
+        "step_seconds": time.perf_counter() - t0,
+        **stats,
+    }
+
+
+def train(
+    model,
+    tokenizer,
+    scenarios: list[Scenario],
+    reward_fn: Callable,
+    env: ConversationEnvironment,
+    cfg: GRPOConfig,
+    on_step: Callable[[int, dict], None] | None = None,
+    checkpoint_dir: str | None = None,
+):
     """Train LoRA adapters on ``model`` with GRPO. ``reward_fn(conversations, scenario)`` returns
     ``(totals, raw_components)`` for one group. Returns ``(peft_model, history)``.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, a checkpoint is written every N steps and
     a rerun of the same configuration resumes from it; it is removed when training completes."""
     if cfg.turn_credit and cfg.importance_sampling_level == "sequence":
-        raise ValueError("turn_credit gives each turn its own advantage; it cannot be combined with "
-                         "importance_sampling_level: sequence (GSPO), which shares one ratio per sequence")
+        raise ValueError(
+            "turn_credit gives each turn its own advantage; it cannot be combined with "
+            "importance_sampling_level: sequence (GSPO), which shares one ratio per sequence"
+        )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg)
-    device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     order = random.sample(range(len(scenarios)), len(scenarios))
     history, skipped, first = [], 0, 0
-    run_config = {**asdict(cfg), "scenarios": [s.id for s in scenarios]}
+    max_len = env.config.max_new_tokens * env.config.max_turns  # dr_grpo's normaliser
+    run_config = {**cfg.model_dump(), "scenarios": [s.id for s in scenarios]}
     if checkpoint_dir and cfg.checkpoint_every:
         resumed = checkpoint.load(checkpoint_dir, model, opt, run_config)
         if resumed:
@@ -152,104 +346,30 @@ def train(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env:
     bar = tqdm(range(first, cfg.steps), desc="GRPO", unit="step", initial=first, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
-        # 1. sample groups: scenarios cycle in a seeded shuffled order
-        if len(order) < cfg.scenarios_per_step:
-            order += random.sample(range(len(scenarios)), len(scenarios))
-        batch = [scenarios[order.pop(0)] for _ in range(cfg.scenarios_per_step)]
-        trajs = env.rollout(model, batch, cfg.group_size)
-        gen_stats = dict(env.stats)
-
-        # 2. score each group, 3. group-relative advantages
-        totals, comps = [], {}
-        for g, scen in enumerate(batch):
-            group = trajs[g * cfg.group_size:(g + 1) * cfg.group_size]
-            total, raw = reward_fn([t.messages for t in group], scen)
-            totals.append(torch.as_tensor(total, dtype=torch.float32))
-            for k, v in raw.items():
-                comps.setdefault(k, []).extend(np.asarray(v).tolist())
-        rewards = torch.cat(totals)
-        if cfg.turn_credit:
-            per_turn, zero_groups = turn_credit_advantages(trajs, batch, totals, reward_fn, cfg)
-            adv = torch.tensor([a for ep in per_turn for a in ep])
-        else:
-            adv, zero_groups = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out)
-
-        # 4. old-policy and reference log-probs, then the clipped-surrogate updates
+        # 1. sample: the step's scenarios from the seeded cycling order, group_size episodes each
+        batch, trajs, gen_stats = sample(model, scenarios, order, env, cfg)
+        # 2. score each group, 3. group-relative (or per-turn) advantages
+        totals, comps = score(trajs, batch, reward_fn, cfg)
+        adv, per_turn, zero_std = advantages(trajs, batch, totals, reward_fn, cfg)
+        # 4. micro-batches with old-policy and reference log-probs, then the clipped-surrogate updates
         model.train()
-        micro = [list(range(i, min(i + cfg.micro_batch_size, len(trajs)))) for i in range(0, len(trajs), cfg.micro_batch_size)]
-        padded = [pad_batch([trajs[i] for i in idx], tokenizer.pad_token_id, device) for idx in micro]
-        n_tokens = sum(int(p[2].sum()) for p in padded)
-        if cfg.turn_credit:
-            advs = [token_advantages([trajs[i] for i in idx], [per_turn[i] for i in idx], ids.shape[1], start, device)
-                    for idx, (ids, _, _, start) in zip(micro, padded)]
-        else:
-            advs = [adv[idx].to(device) for idx in micro]
-        old, ref = [], []
-        with torch.no_grad():
-            for ids, attn, _, start in padded:
-                old.append(token_logprobs(model, ids, attn, start) if cfg.num_iterations > 1 else None)
-                if cfg.beta > 0:
-                    with model.disable_adapter():
-                        ref.append(token_logprobs(model, ids, attn, start))
-                else:
-                    ref.append(None)
+        micro = micro_batches(model, trajs, adv, per_turn, tokenizer.pad_token_id, cfg)
+        n_tokens = sum(int(mb.mask.sum()) for mb in micro)
         t_upd = time.perf_counter()
-        stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
-        for it in range(cfg.num_iterations):
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for (ids, attn, mask, start), a, o, r in zip(padded, advs, old, ref):
-                if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
-                    logp, ent = token_logprobs(model, ids, attn, start, entropy=True)
-                    stats["entropy"] += (ent * mask).sum().item() / n_tokens
-                else:
-                    logp = token_logprobs(model, ids, attn, start)
-                old_logp = o if o is not None else logp.detach()
-                loss_tok, kl, lo, hi = per_token_loss(logp, old_logp, a, cfg.epsilon, cfg.epsilon_high,
-                                                      r, cfg.beta, mask, cfg.importance_sampling_level)
-                loss = aggregate(loss_tok, mask, cfg.loss_type, len(trajs), n_tokens, env.max_new_tokens * env.max_turns)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
-                loss.backward()
-                step_loss += loss.item()
-                m = mask.bool()
-                stats["kl"] += (kl[m].sum().item() if kl is not None else 0.0) / n_tokens / cfg.num_iterations
-                stats["clip_low"] += lo[m].sum().item() / n_tokens / cfg.num_iterations
-                stats["clip_high"] += hi[m].sum().item() / n_tokens / cfg.num_iterations
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if not math.isfinite(float(grad_norm)):
-                skipped += 1  # counted and reported, never applied
-                opt.zero_grad(set_to_none=True)
-                continue
-            opt.step()
-            stats["loss"] += step_loss / cfg.num_iterations
+        stats, grad_norm, skips = update(model, opt, micro, n_tokens, max_len, step, cfg)
+        skipped += skips
         update_s = time.perf_counter() - t_upd
-
-        row = {
-            "step": step + 1,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in comps.items()},
-            "advantage_std": float(adv.std()),
-            "zero_std_group_frac": zero_groups / len(batch),
-            "completion_length": sum(sum(t.assistant_mask) for t in trajs) / len(trajs),
-            "truncated_turn_frac": sum(t.truncated_turns for t in trajs) / max(1, sum(t.turns for t in trajs)),
-            "grad_norm": float(grad_norm),
-            "skipped_steps": skipped,
-            "gen_tokens_per_s": gen_stats["gen_tokens_per_s"],
-            "tool_calls": gen_stats["tool_calls"],
-            "tool_success_rate": 1 - gen_stats["tool_errors"] / gen_stats["tool_calls"] if gen_stats["tool_calls"] else float("nan"),
-            "update_tokens_per_s": n_tokens * cfg.num_iterations / max(update_s, 1e-9),
-            "step_seconds": time.perf_counter() - t0,
-            **stats,
-        }
+        # 5. log, report and checkpoint
+        row = step_metrics(
+            step, trajs, totals, comps, adv, zero_std, gen_stats, stats, grad_norm, skipped, n_tokens, update_s, t0, cfg
+        )
         history.append(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
         if on_step:
             on_step(step + 1, row)
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            checkpoint.save(checkpoint_dir, step + 1, model, opt,
-                            {"order": order, "history": history, "skipped": skipped}, run_config)
+            state = {"order": order, "history": history, "skipped": skipped}
+            checkpoint.save(checkpoint_dir, step + 1, model, opt, state, run_config)
     if checkpoint_dir:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return model, history

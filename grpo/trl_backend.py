@@ -11,10 +11,11 @@ Our composite reward is TRL's reward function and scores each scenario's group o
 together.
 
 Both backends log the same metric names. Reward statistics, advantage std, the zero-std group
-fraction, tool and generation figures are computed here exactly as the native loop computes
-them; KL, clip fractions, entropy, loss, grad norm and completion length are TRL's. TRL has no
-skip-on-non-finite-gradient guard, so ``skipped_steps`` is native-only. Per-turn credit and the
-leave-one-out baseline are native-only and refused here.
+fraction, tool and generation figures come from the native loop's own helpers (``reward_metrics``,
+``generation_metrics``, ``truncated_turn_frac`` in grpo/trainer.py); KL, clip fractions, entropy,
+loss, grad norm and completion length are TRL's. TRL has no skip-on-non-finite-gradient guard, so
+``skipped_steps`` is native-only. Per-turn credit and the leave-one-out baseline are native-only
+and refused here. The LoRA adapter is the native loop's (``lora_config``).
 
 Checkpoints are TRL's (``save_steps``: adapter, optimizer, scheduler, RNG, trainer state); a
 rerun resumes from the last one in ``checkpoint_dir``, which is removed when training completes.
@@ -37,58 +38,84 @@ from grpo.io import read_json, write_json
 from grpo.objective import group_advantages
 from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
-from grpo.trainer import GRPOConfig
+from grpo.trainer import GRPOConfig, generation_metrics, lora_config, reward_metrics, truncated_turn_frac
 
 log = logging.getLogger(__name__)
 
 HISTORY = "grpo_history.json"
 
 # TRL log key -> the native loop's metric name
-RENAME = {"kl": "kl", "entropy": "entropy", "loss": "loss", "grad_norm": "grad_norm",
-          "clip_ratio/low_mean": "clip_low", "clip_ratio/high_mean": "clip_high",
-          "completions/mean_length": "completion_length"}
+RENAME = {
+    "kl": "kl",
+    "entropy": "entropy",
+    "loss": "loss",
+    "grad_norm": "grad_norm",
+    "clip_ratio/low_mean": "clip_low",
+    "clip_ratio/high_mean": "clip_high",
+    "completions/mean_length": "completion_length",
+}
 
 
 def prompt_key(messages: list[dict]) -> str:
     return json.dumps([[m["role"], m["content"]] for m in messages])
 
 
-def train_trl(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, env: ConversationEnvironment,
-              cfg: GRPOConfig, device: str, on_step: Callable[[int, dict], None] | None = None,
-              checkpoint_dir: str | None = None):
+def train_trl(
+    model,
+    tokenizer,
+    scenarios: list[Scenario],
+    reward_fn: Callable,
+    env: ConversationEnvironment,
+    cfg: GRPOConfig,
+    device: str,
+    on_step: Callable[[int, dict], None] | None = None,
+    checkpoint_dir: str | None = None,
+):
     """Train LoRA adapters with TRL's GRPOTrainer on multi-turn episodes. Returns
     ``(peft_model, history)`` like :func:`grpo.trainer.train`."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
     if cfg.turn_credit or cfg.leave_one_out:
-        raise ValueError("train_policy.backend trl: turn_credit and leave_one_out are native-only; "
-                         "set them to false or use backend: native")
+        raise ValueError(
+            "train_policy.backend trl: turn_credit and leave_one_out are native-only; "
+            "set them to false or use backend: native"
+        )
     # rollout_func sees only the prompts, so each prompt must name one scenario
     by_prompt: dict[str, Scenario] = {}
     for s in scenarios:
         by_prompt.setdefault(prompt_key(env.first_messages(s)), s)
     if len(by_prompt) < len(scenarios):
-        log.warning("trl backend: %d scenario(s) share their first messages with another and are left out",
-                    len(scenarios) - len(by_prompt))
+        log.warning(
+            "trl backend: %d scenario(s) share their first messages with another and are left out",
+            len(scenarios) - len(by_prompt),
+        )
     dataset = Dataset.from_list([{"prompt": env.first_messages(s), "scenario_id": s.id} for s in by_prompt.values()])
     by_id = {s.id: s for s in by_prompt.values()}
     step_stats: dict = {}  # filled by the rollout and the reward function, read by the logging callback
 
     def rollout_func(prompts, trainer):
         """One trajectory per prompt row (TRL's sampler already repeats each prompt group_size times)."""
-        trajs = env.rollout(trainer.accelerator.unwrap_model(trainer.model), [by_prompt[prompt_key(p)] for p in prompts], 1)
+        trajs = env.rollout(
+            trainer.accelerator.unwrap_model(trainer.model), [by_prompt[prompt_key(p)] for p in prompts], 1
+        )
         starts = [t.assistant_mask.index(1) for t in trajs]
-        step_stats.update(env.stats, agent_tokens=sum(sum(t.assistant_mask) for t in trajs),
-                          truncated_turn_frac=sum(t.truncated_turns for t in trajs) / max(1, sum(t.turns for t in trajs)))
-        return {"prompt_ids": [t.input_ids[:k] for t, k in zip(trajs, starts)],
-                "completion_ids": [t.input_ids[k:] for t, k in zip(trajs, starts)],
-                "env_mask": [t.assistant_mask[k:] for t, k in zip(trajs, starts)],
-                "logprobs": None, "conversation": [t.messages for t in trajs]}
+        step_stats.update(
+            generation_metrics(env.stats),
+            truncated_turn_frac=truncated_turn_frac(trajs),
+            gen_seconds=env.stats["gen_seconds"],
+            agent_tokens=sum(sum(t.assistant_mask) for t in trajs),
+        )
+        return {
+            "prompt_ids": [t.input_ids[:k] for t, k in zip(trajs, starts, strict=True)],
+            "completion_ids": [t.input_ids[k:] for t, k in zip(trajs, starts, strict=True)],
+            "env_mask": [t.assistant_mask[k:] for t, k in zip(trajs, starts, strict=True)],
+            "logprobs": None,
+            "conversation": [t.messages for t in trajs],
+        }
 
     def composite_reward(prompts, completions, scenario_id, conversation, **_):
         """Score each scenario's conversations as one group with the composite reward."""
@@ -97,15 +124,13 @@ def train_trl(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, 
         for sid in dict.fromkeys(scenario_id):
             idx = [i for i, x in enumerate(scenario_id) if x == sid]
             total, raw = reward_fn([conversation[i] for i in idx], by_id[sid])
-            for i, v in zip(idx, total):
+            for i, v in zip(idx, total, strict=True):
                 out[i] = float(v)
             for k, v in raw.items():
                 components.setdefault(k, []).extend(np.asarray(v, dtype=float).tolist())
         rewards = torch.tensor(out)
         adv, zero = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)  # TRL's formula, for the log
-        step_stats.update({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                           "advantage_std": float(adv.std()), "zero_std_group_frac": zero / (len(out) // cfg.group_size),
-                           **{f"reward/{k}": float(np.mean(v)) for k, v in components.items()}})
+        step_stats.update(reward_metrics(rewards, components, adv, zero, len(out) // cfg.group_size))
         return out
 
     history: list[dict] = []
@@ -118,11 +143,13 @@ def train_trl(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, 
             now = time.perf_counter()
             s = dict(step_stats)
             step_s = now - clock["t"]
-            row = {"step": state.global_step, **{k: v for k, v in s.items() if k not in ("gen_tokens", "gen_seconds", "tool_errors", "agent_tokens")},
-                   **{new: float(logs[old]) for old, new in RENAME.items() if old in logs},
-                   "tool_success_rate": 1 - s["tool_errors"] / s["tool_calls"] if s["tool_calls"] else float("nan"),
-                   "update_tokens_per_s": s["agent_tokens"] * cfg.num_iterations / max(step_s - s["gen_seconds"], 1e-9),
-                   "step_seconds": step_s}
+            row = {
+                "step": state.global_step,
+                **{k: v for k, v in s.items() if k not in ("gen_seconds", "agent_tokens")},
+                **{new: float(logs[old]) for old, new in RENAME.items() if old in logs},
+                "update_tokens_per_s": s["agent_tokens"] * cfg.num_iterations / max(step_s - s["gen_seconds"], 1e-9),
+                "step_seconds": step_s,
+            }
             clock["t"] = now
             history.append(row)
             if on_step:
@@ -132,24 +159,49 @@ def train_trl(model, tokenizer, scenarios: list[Scenario], reward_fn: Callable, 
             write_json(f"{args.output_dir}/checkpoint-{state.global_step}/{HISTORY}", history)
 
     batch = cfg.scenarios_per_step * cfg.group_size
-    accumulate = batch // cfg.micro_batch_size if cfg.micro_batch_size < batch and batch % cfg.micro_batch_size == 0 else 1
+    accumulate = (
+        batch // cfg.micro_batch_size if cfg.micro_batch_size < batch and batch % cfg.micro_batch_size == 0 else 1
+    )
     save = bool(checkpoint_dir and cfg.checkpoint_every)
     out_dir = checkpoint_dir if save else tempfile.mkdtemp(prefix="trl-grpo-")
     args = TRLConfig(
-        output_dir=out_dir, use_cpu=device == "cpu", bf16=False, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=batch // accumulate, gradient_accumulation_steps=accumulate,
-        num_generations=cfg.group_size, max_completion_length=env.max_new_tokens * env.max_turns,
-        temperature=env.temperature, top_p=env.top_p, beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-        loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, importance_sampling_level=cfg.importance_sampling_level,
-        num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, logging_steps=1,
-        report_to="none", save_strategy="steps" if save else "no", save_steps=cfg.checkpoint_every or 500,
+        output_dir=out_dir,
+        use_cpu=device == "cpu",
+        bf16=False,
+        max_steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=batch // accumulate,
+        gradient_accumulation_steps=accumulate,
+        num_generations=cfg.group_size,
+        max_completion_length=env.config.max_new_tokens * env.config.max_turns,
+        temperature=env.config.temperature,
+        top_p=env.config.top_p,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss_type,
+        scale_rewards=cfg.scale_rewards,
+        importance_sampling_level=cfg.importance_sampling_level,
+        num_iterations=cfg.num_iterations,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="steps" if save else "no",
+        save_steps=cfg.checkpoint_every or 500,
         gradient_checkpointing=False,  # TRL's default trades compute for memory; the native loop does not
         disable_tqdm=False,
     )
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=composite_reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora, callbacks=[Metrics()], rollout_func=rollout_func)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=composite_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        callbacks=[Metrics()],
+        rollout_func=rollout_func,
+    )
     resume = get_last_checkpoint(out_dir) if save else None
     if resume:
         log.info("trl backend: resuming from %s", resume)

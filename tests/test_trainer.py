@@ -3,16 +3,21 @@ import pytest
 import torch
 
 from grpo.objective import token_logprobs
-from grpo.rollout import ConversationEnvironment
+from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.scenarios import Scenario
 from grpo.trainer import GRPOConfig, add_lora, train
 
-SCEN = [Scenario(id=f"s{i}", domain="sales", persona="p", goal="g", opening=f"Question {i}?", followups=["More?"]) for i in range(3)]
+SCEN = [
+    Scenario(id=f"s{i}", domain="sales", persona="p", goal="g", opening=f"Question {i}?", followups=["More?"])
+    for i in range(3)
+]
 
 
-def test_config_rejects_unknown_params():
-    with pytest.raises(KeyError, match="bogus"):
-        GRPOConfig.from_params({"bogus": 1})
+def test_config_rejects_unknown_and_invalid_params():
+    with pytest.raises(ValueError, match="bogus"):
+        GRPOConfig(bogus=1)
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOConfig(loss_type="ppo")
 
 
 def test_reference_is_the_base_with_adapter_disabled(tiny_model):
@@ -29,42 +34,57 @@ def test_reference_is_the_base_with_adapter_disabled(tiny_model):
 
 
 def test_training_runs_and_only_the_adapter_changes(tokenizer, tiny_model):
-    env = ConversationEnvironment(tokenizer, max_turns=2, max_new_tokens=6)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=6))
     frozen = {n: p.clone() for n, p in tiny_model.named_parameters()}
 
     def reward(convs, scen):  # longer first replies pay: a learnable, non-constant signal
         raw = np.array([len(c[2]["content"]) for c in convs], dtype=float)
         return raw, {"length": raw}
 
-    cfg = GRPOConfig(steps=3, scenarios_per_step=2, group_size=3, beta=0.1, num_iterations=2, micro_batch_size=4, lora_r=4)
+    cfg = GRPOConfig(
+        steps=3, scenarios_per_step=2, group_size=3, beta=0.1, num_iterations=2, micro_batch_size=4, lora_r=4
+    )
     rows = []
     model, history = train(tiny_model, tokenizer, SCEN, reward, env, cfg, on_step=lambda s, r: rows.append(s))
     assert rows == [1, 2, 3] and len(history) == 3
     h = history[-1]
-    for key in ("reward_mean", "reward/length", "kl", "clip_low", "clip_high", "advantage_std", "zero_std_group_frac",
-                "completion_length", "gen_tokens_per_s", "update_tokens_per_s", "loss"):
+    for key in (
+        "reward_mean",
+        "reward/length",
+        "kl",
+        "clip_low",
+        "clip_high",
+        "advantage_std",
+        "zero_std_group_frac",
+        "completion_length",
+        "gen_tokens_per_s",
+        "update_tokens_per_s",
+        "loss",
+    ):
         assert key in h and np.isfinite(h[key]), key
     assert any(r["kl"] > 0 for r in history[1:])  # the adapter moved away from the reference
     merged = model.merge_and_unload()
-    for n, p in merged.named_parameters():
+    for n, _ in merged.named_parameters():
         assert n in frozen
     assert any(not torch.equal(p, frozen[n]) for n, p in merged.named_parameters())
 
 
 def test_non_finite_reward_aborts(tokenizer, tiny_model):
-    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=4)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
 
     def reward(convs, scen):
         return np.full(len(convs), np.nan), {}
 
     with pytest.raises(FloatingPointError):
-        train(tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(steps=1, scenarios_per_step=1, group_size=2, lora_r=2))
+        train(
+            tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(steps=1, scenarios_per_step=1, group_size=2, lora_r=2)
+        )
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tmp_path):
     from grpo.models import tiny_causal_lm
 
-    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=5)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=5))
 
     def reward(convs, scen):
         raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
@@ -87,8 +107,16 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tm
     saved = torch.load(ckpt / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 2 and saved["optimizer"]["state"]
     steps = []
-    resumed, history = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg,
-                             on_step=lambda s, r: steps.append(s), checkpoint_dir=str(ckpt))
+    resumed, history = train(
+        tiny_causal_lm(tokenizer),
+        tokenizer,
+        SCEN,
+        reward,
+        env,
+        cfg,
+        on_step=lambda s, r: steps.append(s),
+        checkpoint_dir=str(ckpt),
+    )
     assert steps == [3, 4] and [r["step"] for r in history] == [1, 2, 3, 4]
     a, b = full.state_dict(), resumed.state_dict()
     lora = [k for k in a if "lora_" in k]
@@ -112,16 +140,27 @@ def test_grpo_learns_a_trivially_learnable_reward(tokenizer):
     from grpo.models import tiny_causal_lm
 
     model = tiny_causal_lm(tokenizer, seed=3, initializer_range=0.5)
-    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=8)
-    scen = [Scenario(id=f"t{i}", domain="sales", persona="p", goal="g", opening=f"Say something {i}.") for i in range(4)]
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=8))
+    scen = [
+        Scenario(id=f"t{i}", domain="sales", persona="p", goal="g", opening=f"Say something {i}.") for i in range(4)
+    ]
 
     def reward(convs, s):
         words = [c[-1]["content"].split() for c in convs]
         share = np.array([sum(w[:1].isupper() for w in ws) / max(1, len(ws)) for ws in words])
         return share, {"capitalised": share}
 
-    cfg = GRPOConfig(steps=36, scenarios_per_step=4, group_size=8, learning_rate=2e-2, lora_r=8, lora_alpha=16,
-                     beta=0.0, micro_batch_size=32, seed=0)
+    cfg = GRPOConfig(
+        steps=36,
+        scenarios_per_step=4,
+        group_size=8,
+        learning_rate=2e-2,
+        lora_r=8,
+        lora_alpha=16,
+        beta=0.0,
+        micro_batch_size=32,
+        seed=0,
+    )
     rows = []
     train(model, tokenizer, scen, reward, env, cfg, on_step=lambda step, row: rows.append(row["reward_mean"]))
     first, last = np.mean(rows[:6]), np.mean(rows[-6:])
@@ -133,7 +172,7 @@ def test_trl_backend_runs_our_multi_turn_episodes_and_logs_the_native_metric_nam
 
     from grpo.trl_backend import train_trl
 
-    env = ConversationEnvironment(tokenizer, max_turns=2, max_new_tokens=4)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=4))
     seen, masks = [], []
 
     def reward(convs, scen):
@@ -155,12 +194,32 @@ def test_trl_backend_runs_our_multi_turn_episodes_and_logs_the_native_metric_nam
         assert roles == [["system", "user", "assistant", "user", "assistant"]] * 2
     mask, ids = masks[0]
     user_turn = tokenizer("<|im_start|>user", add_special_tokens=False)["input_ids"]
-    for m, row in zip(mask.tolist(), ids.tolist()):  # the follow-up's tokens sit in the completion, masked out
-        k = next(i for i in range(len(row)) if row[i:i + len(user_turn)] == user_turn)
-        assert not any(m[k:k + len(user_turn)]) and any(m[:k]) and any(m[k:])
-    names = {"reward_mean", "reward_std", "reward/length", "advantage_std", "zero_std_group_frac", "kl", "clip_low",
-             "clip_high", "entropy", "loss", "grad_norm", "completion_length", "truncated_turn_frac", "gen_tokens_per_s",
-             "tool_calls", "tool_success_rate", "update_tokens_per_s", "step_seconds", "step"}
+    for m, row in zip(
+        mask.tolist(), ids.tolist(), strict=True
+    ):  # the follow-up's tokens sit in the completion, masked out
+        k = next(i for i in range(len(row)) if row[i : i + len(user_turn)] == user_turn)
+        assert not any(m[k : k + len(user_turn)]) and any(m[:k]) and any(m[k:])
+    names = {
+        "reward_mean",
+        "reward_std",
+        "reward/length",
+        "advantage_std",
+        "zero_std_group_frac",
+        "kl",
+        "clip_low",
+        "clip_high",
+        "entropy",
+        "loss",
+        "grad_norm",
+        "completion_length",
+        "truncated_turn_frac",
+        "gen_tokens_per_s",
+        "tool_calls",
+        "tool_success_rate",
+        "update_tokens_per_s",
+        "step_seconds",
+        "step",
+    }
     from grpo.models import tiny_causal_lm
 
     native_cfg = GRPOConfig(steps=1, scenarios_per_step=2, group_size=2, lora_r=2)
@@ -173,7 +232,7 @@ def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_pat
     from grpo.models import tiny_causal_lm
     from grpo.trl_backend import train_trl
 
-    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=4)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
 
     def reward(convs, scen):
         raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
@@ -191,8 +250,9 @@ def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_pat
         train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", kill_at_2, str(tmp_path))
     assert (tmp_path / "checkpoint-1" / "optimizer.pt").exists()
     steps = []
-    _, history = train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu",
-                           lambda s, r: steps.append(s), str(tmp_path))
+    _, history = train_trl(
+        tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", lambda s, r: steps.append(s), str(tmp_path)
+    )
     assert steps == [2, 3] and [r["step"] for r in history] == [1, 2, 3]
     assert not tmp_path.exists()  # removed once training completes
 
@@ -200,7 +260,7 @@ def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_pat
 def test_turn_credit_maps_each_turn_advantage_onto_its_tokens(tokenizer, tiny_model):
     from grpo.trainer import cut_after_turn, pad_batch, token_advantages
 
-    env = ConversationEnvironment(tokenizer, max_turns=2, max_new_tokens=4)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=4))
     torch.manual_seed(0)
     trajs = env.rollout(tiny_model, SCEN[:1], 2)
     ids, _, mask, start = pad_batch(trajs, tokenizer.pad_token_id, "cpu")
@@ -227,4 +287,6 @@ def test_turn_credit_maps_each_turn_advantage_onto_its_tokens(tokenizer, tiny_mo
     _, rows = train(tiny_model, tokenizer, SCEN, reward, env, cfg)
     assert len(rows) == 2 and rows[-1]["advantage_std"] > 0
     with pytest.raises(ValueError, match="GSPO"):
-        train(tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(turn_credit=True, importance_sampling_level="sequence"))
+        train(
+            tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(turn_credit=True, importance_sampling_level="sequence")
+        )
