@@ -1,5 +1,6 @@
 # `make run`: set up .venv if needed and run the whole pipeline as the Prefect flow.
-# `make test`: the same set-up, then the test suite.
+# `make test`: the same set-up, then the style checks (ruff) and the test suite.
+# `make format`: let ruff fix what it can and format the code.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -15,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test repro
+.PHONY: install run test lint format repro
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +30,17 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: install
-	$(BIN)/python -m flows.pipeline
+	$(BIN)/grpo-agents run
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest
 
 repro: install

@@ -15,20 +15,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import base_model, calibrate, evaluate, label, prepare, register, train_policy, train_reward
-from tasks.common import PARENT_RUN_ENV, load_params, setup_mlflow
-
-# The order must equal the topological order of dvc.yaml (tests/test_flow_order.py checks it).
-STAGES = [
-    ("base_model", base_model.run),
-    ("prepare", prepare.run),
-    ("label", label.run),
-    ("train_reward", train_reward.run),
-    ("calibrate", calibrate.run),
-    ("train_policy", train_policy.run),
-    ("evaluate", evaluate.run),
-    ("register", register.run),
-]
+from grpo.evaluation import ci_line
+from grpo.io import read_json
+from grpo_agents import stages
+from grpo_agents.params import Params, load_params
+from mlflow_io.tracking import PARENT_RUN_ENV, setup
 
 
 def dvc_repo():
@@ -44,15 +35,18 @@ def is_stale(stage: str) -> bool:
 
 
 @task(name="stage")
-def run_stage(stage: str, entry, params: dict) -> dict:
+def run_stage(stage: str, params: Params) -> dict:
     t0 = time.perf_counter()
-    summary = entry(params)
+    summary = stages.run_stage(stage, params)
     with dvc_repo() as repo:
         repo.commit(stage, force=True)
     get_run_logger().info("%s finished in %.1f s: %s", stage, time.perf_counter() - t0, summary)
     if stage == "evaluate":  # the stage's markdown report: comparison table and example conversations
-        create_markdown_artifact(markdown=Path(params["paths"]["metrics"], "eval.md").read_text(), key="evaluation",
-                                 description="trained vs base (and champion) on the held-out scenarios")
+        create_markdown_artifact(
+            markdown=Path(params.paths.metrics, "eval.md").read_text(),
+            key="evaluation",
+            description="trained vs base (and champion) on the held-out scenarios",
+        )
     return summary
 
 
@@ -60,14 +54,14 @@ def run_stage(stage: str, entry, params: dict) -> dict:
 def grpo_pipeline(force: bool = False) -> dict:
     """Run every stale stage in DAG order (all of them with ``force``)."""
     params = load_params()
-    mlflow = setup_mlflow(params)
+    mlflow = setup(params)
     ran, skipped = {}, []
     with mlflow.start_run(run_name="grpo-pipeline", tags={"pipeline": "prefect"}) as parent:
         os.environ[PARENT_RUN_ENV] = parent.info.run_id
         try:
-            for name, entry in STAGES:
+            for name in stages.STAGES:
                 if force or is_stale(name):
-                    ran[name] = run_stage.with_options(name=name)(name, entry, params)
+                    ran[name] = run_stage.with_options(name=name)(name, params)
                 else:
                     skipped.append(name)
         finally:
@@ -76,28 +70,29 @@ def grpo_pipeline(force: bool = False) -> dict:
     return {"ran": ran, "skipped": skipped, "parent_run_id": parent.info.run_id}
 
 
-def summary_text(params: dict) -> str:
-    from grpo.io import read_json
-
-    m = params["paths"]["metrics"]
-    ev, reg = read_json(f"{m}/eval.json"), read_json(f"{m}/register.json")
-    name = reg["model_name"]
-    lines = ["", "=== grpo-pipeline summary ===",
-             f"mean reward on {ev['scenarios']} held-out scenarios: base {ev['base']['reward_mean']:.3f}, "
-             f"trained {ev['trained']['reward_mean']:.3f}"
-             + (f", champion v{ev['champion_version']} {ev['champion']['reward_mean']:.3f}" if ev.get("champion_version") else "")]
-    for other in ("base", "champion"):
-        if f"vs_{other}" in ev:
-            d, w = ev[f"vs_{other}"], ev["judge"][f"vs_{other}"]
-            lines.append(f"trained - {other}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]; "
-                         f"judge {w['wins']}W/{w['losses']}L/{w['ties']}T, {w['unjudged']} unjudged")
-    lines.append(f"flagged: {'; '.join(ev['flags']) if ev['flagged'] else 'no'}; report: {m}/eval.md")
-    return "\n".join(lines + [
-        f"registered: {name} version {reg['version']}, aliases {', '.join(reg['aliases'])} ({reg['reason']})",
-        f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{params['paths']['mlflow_db']}",
-        f"serve:      PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI=sqlite:///{params['paths']['mlflow_db']} "
-        f"mlflow models serve -m models:/{name}@{'champion' if reg['promoted'] else 'challenger'} --env-manager local -p 5001",
-    ])
+def summary_text(params: Params) -> str:
+    metrics, db = params.paths.metrics, params.paths.mlflow_db
+    ev, reg = read_json(f"{metrics}/eval.json"), read_json(f"{metrics}/register.json")
+    name, alias = reg["model_name"], "champion" if reg["promoted"] else "challenger"
+    champion = (
+        f", champion v{ev['champion_version']} {ev['champion']['reward_mean']:.3f}"
+        if ev.get("champion_version")
+        else ""
+    )
+    return "\n".join(
+        [
+            "",
+            "=== grpo-pipeline summary ===",
+            f"mean reward on {ev['scenarios']} held-out scenarios: base {ev['base']['reward_mean']:.3f}, "
+            f"trained {ev['trained']['reward_mean']:.3f}{champion}",
+            *(ci_line(ev, other) for other in ("base", "champion") if f"vs_{other}" in ev),
+            f"flagged: {'; '.join(ev['flags']) if ev['flagged'] else 'no'}; report: {metrics}/eval.md",
+            f"registered: {name} version {reg['version']}, aliases {', '.join(reg['aliases'])} ({reg['reason']})",
+            f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}",
+            f"serve:      .venv/bin/grpo-agents serve --alias {alias}   (or: MLFLOW_TRACKING_URI=sqlite:///{db} "
+            f".venv/bin/mlflow models serve -m models:/{name}@{alias} --env-manager local -p 5001)",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -1,22 +1,22 @@
 """Prefect flows for the registry: `promote-model` and `rollback-model` (wiring only; the logic is
-in tasks/registry.py, which is also the plain CLI)."""
+in mlflow_io/registry.py, which the `grpo-agents promote` and `rollback` commands call too)."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from tasks import registry
-from tasks.common import load_params, setup_mlflow
+from grpo_agents.params import load_params
+from mlflow import MlflowClient
+from mlflow_io import registry
+from mlflow_io.tracking import setup
 
 
 @flow(name="promote-model", log_prints=True)
 def promote_model(version: str | None = None) -> dict:
     """Move `champion` to ``version`` (default: the challenger) if it passes the promotion gate."""
     params = load_params()
-    client = setup_mlflow(params).MlflowClient()
-    name, p = params["register"]["model_name"], params["register"]
-    version = registry.version_or_challenger(client, name, version)
-    result = registry.promote(client, name, version, p["metric"], p["min_improvement"], "prefect flow promote-model", p["require_ci"])
+    setup(params)
+    result = registry.promote_version(MlflowClient(), params.register, version, "prefect flow promote-model")
     print(result)
     return result
 
@@ -25,7 +25,7 @@ def promote_model(version: str | None = None) -> dict:
 def rollback_model() -> dict:
     """Restore the champion that the current champion replaced."""
     params = load_params()
-    result = registry.rollback(setup_mlflow(params).MlflowClient(), params["register"]["model_name"],
-                               "prefect flow rollback-model")
+    setup(params)
+    result = registry.rollback(MlflowClient(), params.register.model_name, "prefect flow rollback-model")
     print(result)
     return result

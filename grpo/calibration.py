@@ -21,11 +21,26 @@ method                fitted on the labelled scores x of one component; applied 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from grpo.config import Config
 
 METHODS = ("zscore", "minmax", "percentile", "isotonic")
 UNIT_RANGE = ("minmax", "percentile", "isotonic")  # methods whose output lies in [0, 1]
+Method = Literal["zscore", "minmax", "percentile", "isotonic"]
+
+
+class CalibrationConfig(Config):
+    """How each reward component is normalised (params.yaml ``calibrate``)."""
+
+    method: Method = Field("zscore", description="isotonic maps to judge scores")
+    per_component: dict[str, Method] = Field({}, description="a method per component, e.g. {length: minmax}")
+    min_std: float = Field(0.02, gt=0, description="floor on a component's spread")
+    max_z: float | None = Field(3.0, gt=0, description="zscore clipped to [-max_z, max_z]; null: no clip")
+    percentiles: tuple[float, float] = Field((5, 95), description="for percentile")
 
 
 def fit(x, method: str, min_std: float, percentiles=(5, 95), target=None, max_z: float | None = None) -> dict:
@@ -41,8 +56,10 @@ def fit(x, method: str, min_std: float, percentiles=(5, 95), target=None, max_z:
         target = np.asarray(target if target is not None else [], dtype=float)
         ok = np.isfinite(target)
         if ok.sum() < 2:
-            raise ValueError(f"isotonic calibration needs judge scores; only {int(ok.sum())} labels have one "
-                             "(label_source 'judge'). Use another calibrate.method or a judge that answers.")
+            raise ValueError(
+                f"isotonic calibration needs judge scores; only {int(ok.sum())} labels have one "
+                "(label_source 'judge'). Use another calibrate.method or a judge that answers."
+            )
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x[ok], target[ok])
         return {"method": method, "x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
     raise ValueError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
@@ -61,13 +78,17 @@ def apply(x, entry: Mapping) -> np.ndarray:
     raise ValueError(f"calibration method {m!r} is not one of {', '.join(METHODS)}")
 
 
-def fit_all(components: Mapping[str, np.ndarray], method: str, overrides: Mapping[str, str] | None, min_std: float,
-            percentiles=(5, 95), target=None, max_z: float | None = None) -> dict:
-    """One normaliser per component: ``method``, or the component's entry in ``overrides``."""
-    unknown = set(overrides or {}) - set(components)
+def fit_all(components: Mapping[str, np.ndarray], config: CalibrationConfig, target=None) -> dict:
+    """One normaliser per component: ``config.method``, or the component's ``per_component`` entry."""
+    unknown = set(config.per_component) - set(components)
     if unknown:
-        raise KeyError(f"calibrate.per_component names unknown component(s) {sorted(unknown)}; known: {sorted(components)}")
-    return {k: fit(v, (overrides or {}).get(k, method), min_std, percentiles, target, max_z) for k, v in components.items()}
+        raise KeyError(
+            f"calibrate.per_component names unknown component(s) {sorted(unknown)}; known: {sorted(components)}"
+        )
+    return {
+        k: fit(v, config.per_component.get(k, config.method), config.min_std, config.percentiles, target, config.max_z)
+        for k, v in components.items()
+    }
 
 
 def apply_all(components: Mapping[str, np.ndarray], calibration: Mapping) -> dict[str, np.ndarray]:

@@ -1,10 +1,32 @@
-"""Comparing policies on the same scenarios: paired bootstrap CIs, judge win rates, reward-hacking
-flags and the KL between two policies."""
+"""Comparing policies on the same scenarios: per-scenario scores, paired bootstrap CIs, judge win
+rates, reward-hacking flags, the KL between two policies, and the comparison report."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
+import pandas as pd
 import torch
+from pydantic import Field
+
+from grpo.config import Config
+from grpo.rewards import words
+from grpo.scenarios import subsample
+
+NON_COMPONENTS = ("scenario_id", "domain", "reward", "reply_words", "example")
+
+
+class EvaluateConfig(Config):
+    """How policies are compared (params.yaml ``evaluate``)."""
+
+    max_scenarios: int | None = Field(ge=1, description="held-out scenarios (fixed, domain-balanced subset); null: all")
+    judge_scenarios: int = Field(ge=0, description="scenarios whose pair of conversations the judge compares")
+    min_judged: int = Field(ge=1, description="judged pairs needed before a losing win rate flags a run")
+    max_length_ratio: float = Field(gt=1, description="reply-length drift (either way) that flags a run")
+    samples_per_scenario: int = Field(ge=1)
+    bootstrap: int = Field(ge=100, description="bootstrap resamples for the paired CI")
+    ci_level: float = Field(gt=0, lt=1)
 
 
 def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
@@ -29,12 +51,18 @@ def win_rate(verdicts, first: int | list[int] = 0) -> dict:
         a, b = v.scores[f], v.scores[1 - f]
         wins, losses, ties = wins + (a > b), losses + (a < b), ties + (a == b)
     judged = wins + losses + ties
-    return {"wins": wins, "losses": losses, "ties": ties, "unjudged": unjudged,
-            "win_rate": (wins + ties / 2) / judged if judged else float("nan")}
+    return {
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "unjudged": unjudged,
+        "win_rate": (wins + ties / 2) / judged if judged else float("nan"),
+    }
 
 
-def hacking_flags(reward_diff: float, win: dict, max_length_ratio: float, length_ratio: float | None = None,
-                  min_judged: int = 1) -> list[str]:
+def hacking_flags(
+    reward_diff: float, win: dict, max_length_ratio: float, length_ratio: float | None = None, min_judged: int = 1
+) -> list[str]:
     """Reasons to distrust a reward gain: the reward rose while the judge preferred the other policy
     (win rate below 0.5 over at least ``min_judged`` judged pairs; fewer are not evidence either
     way), or the reply length drifted past ``max_length_ratio`` either way."""
@@ -48,6 +76,153 @@ def hacking_flags(reward_diff: float, win: dict, max_length_ratio: float, length
     return flags
 
 
+def score(trajectories, scenarios: list, reward) -> pd.DataFrame:
+    """One row per scenario: composite reward, raw components and reply length, averaged over the
+    scenario's samples, and its first conversation as ``example``."""
+    rows = []
+    for g, scen in enumerate(scenarios):
+        group = [t.messages for t in trajectories if t.group == g]
+        total, raw = reward(group, scen)
+        replies = [m["content"] for c in group for m in c if m["role"] == "assistant"]
+        rows.append(
+            {
+                "scenario_id": scen.id,
+                "domain": scen.domain,
+                "reward": float(np.mean(total)),
+                **{k: float(np.mean(v)) for k, v in raw.items()},
+                "reply_words": float(np.mean([len(words(r)) for r in replies])),
+                "example": group[0],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def components(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c not in NON_COMPONENTS]
+
+
+def means(table: pd.DataFrame) -> dict:
+    return {
+        "reward_mean": float(table["reward"].mean()),
+        "reply_words": float(table["reply_words"].mean()),
+        **{k: float(table[k].mean()) for k in components(table)},
+    }
+
+
+def pairs_to_judge(scenarios: list, ours: pd.DataFrame, theirs: pd.DataFrame, n: int, seed: int):
+    """``(groups, flips)``: one ``(domain, [conversation, conversation])`` pair on each of ``n``
+    scenarios (a fixed, domain-balanced subset), ours shown second where ``flips`` is 1, in a
+    seeded random order so neither side is always shown first."""
+    rng = random.Random(seed)
+    chosen = {s.id for s in subsample(scenarios, n, seed)}
+    picked = [i for i, s in enumerate(scenarios) if s.id in chosen]
+    flips = [int(rng.random() < 0.5) for _ in picked]
+    groups = [
+        (scenarios[i].domain, [theirs.example[i], ours.example[i]] if f else [ours.example[i], theirs.example[i]])
+        for i, f in zip(picked, flips)
+    ]
+    return groups, flips
+
+
+def compare(
+    tables: dict[str, pd.DataFrame],
+    judge: dict[str, dict],
+    kl_trained_base: float,
+    config: EvaluateConfig,
+    seed: int,
+    champion_version: str | None = None,
+) -> dict:
+    """The evaluation result (eval.json): each policy's means, trained against each other policy
+    (``vs_<name>``: paired bootstrap CI over scenarios; ``judge[vs_<name>]``: win rate), the
+    per-domain breakdown and the reward-hacking flags. ``tables`` holds ``base`` and ``trained``,
+    and ``champion`` when there is one."""
+    trained = tables["trained"]
+    result = {k: means(t) for k, t in tables.items()}
+    result.update(
+        scenarios=len(trained),
+        samples_per_scenario=config.samples_per_scenario,
+        champion_version=champion_version,
+        kl_trained_base=kl_trained_base,
+        judge=judge,
+    )
+    for other in [k for k in tables if k != "trained"]:
+        result[f"vs_{other}"] = paired_bootstrap_ci(
+            tables[other]["reward"], trained["reward"], config.bootstrap, config.ci_level, seed
+        )
+    result["per_domain"] = {
+        d: {k: float(t.loc[t["domain"] == d, "reward"].mean()) for k, t in tables.items()}
+        for d in sorted(set(trained["domain"]))
+    }
+    length_ratio = result["trained"]["reply_words"] / max(result["base"]["reply_words"], 1e-9)
+    result["flags"] = hacking_flags(
+        result["vs_base"]["mean"], judge["vs_base"], config.max_length_ratio, length_ratio, config.min_judged
+    )
+    if "champion" in tables:
+        result["flags"] += [
+            f"against the champion: {f}"
+            for f in hacking_flags(
+                result["vs_champion"]["mean"],
+                judge["vs_champion"],
+                config.max_length_ratio,
+                min_judged=config.min_judged,
+            )
+        ]
+    result["flagged"] = bool(result["flags"])
+    return result
+
+
+def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per scenario with every policy's columns suffixed by its name (eval.csv)."""
+    table = tables["base"][["scenario_id", "domain"]].copy()
+    for k, t in tables.items():
+        table = table.join(t.drop(columns=["scenario_id", "domain", "example"]).add_suffix(f"_{k}"))
+    return table
+
+
+def ci_line(result: dict, other: str) -> str:
+    """``trained - base: +0.110, 95% CI [+0.030, +0.199]; judge 3W/1L/0T, 4 unjudged``"""
+    d, w = result[f"vs_{other}"], result["judge"][f"vs_{other}"]
+    return (
+        f"trained - {other}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]; "
+        f"judge {w['wins']}W/{w['losses']}L/{w['ties']}T, {w['unjudged']} unjudged"
+    )
+
+
+def report_markdown(result: dict, tables: dict[str, pd.DataFrame], n_examples: int = 3) -> str:
+    """The evaluation report: comparison table, CIs and judge results, per-domain means and a few
+    side-by-side example conversations."""
+    names = list(tables)
+    lines = [
+        f"# Evaluation on {result['scenarios']} held-out scenarios",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for k in ["reward_mean", "reply_words", *components(tables["base"])]:
+        lines.append(f"| {k} | " + " | ".join(f"{result[n][k]:.3f}" for n in names) + " |")
+    lines += [""]
+    lines += [f"- {ci_line(result, other)}" for other in ("base", "champion") if result.get(f"vs_{other}")]
+    lines += [
+        f"- KL(trained || base) per agent token: {result['kl_trained_base']:.4f}",
+        f"- flagged: {'yes: ' + '; '.join(result['flags']) if result['flagged'] else 'no'}",
+        "",
+        "## Per domain (mean reward)",
+        "",
+        "| domain | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for dom, row in result["per_domain"].items():
+        lines.append(f"| {dom} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+    lines += ["", "## Examples", ""]
+    for i in range(min(n_examples, len(tables["trained"]))):
+        lines.append(f"### {tables['trained'].scenario_id[i]}")
+        for n in names:
+            lines.append(f"**{n}** (reward {tables[n].reward[i]:+.2f})\n")
+            lines += [f"> *{m['role']}*: {m['content']}  " for m in tables[n].example[i] if m["role"] != "system"]
+            lines.append("")
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def policy_kl(policy, reference, trajectories, pad_id: int, batch_size: int = 8) -> float:
     """Monte Carlo KL(policy || reference) per agent token: the mean over the policy's own sampled
@@ -58,7 +233,7 @@ def policy_kl(policy, reference, trajectories, pad_id: int, batch_size: int = 8)
     device = next(policy.parameters()).device
     total = tokens = 0.0
     for i in range(0, len(trajectories), batch_size):
-        ids, attn, mask, start = pad_batch(trajectories[i:i + batch_size], pad_id, device)
+        ids, attn, mask, start = pad_batch(trajectories[i : i + batch_size], pad_id, device)
         diff = token_logprobs(policy, ids, attn, start) - token_logprobs(reference, ids, attn, start)
         total += float((diff * mask).sum())
         tokens += float(mask.sum())

@@ -18,17 +18,21 @@ groups that were not finished.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from grpo.config import Config
 from grpo.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -36,15 +40,15 @@ PROMPT_VERSION = 1
 
 RUBRICS = {
     "default": "A good agent reply is helpful, correct, specific to the user's request, polite, concise, "
-               "and moves the conversation towards resolving the user's goal.",
+    "and moves the conversation towards resolving the user's goal.",
     "customer_service": "Reward replies that acknowledge the problem, take ownership, give a concrete next step "
-                        "(check, refund, replace, escalate) and set expectations on timing. Penalise vague or evasive replies.",
+    "(check, refund, replace, escalate) and set expectations on timing. Penalise vague or evasive replies.",
     "technical_support": "Reward replies that diagnose before prescribing, give clear numbered steps the user can follow, "
-                         "and check whether the fix worked. Penalise guesses presented as facts.",
+    "and check whether the fix worked. Penalise guesses presented as facts.",
     "sales": "Reward replies that ask about needs, recommend fitting options honestly with prices or trade-offs, "
-             "and respect a user who is not ready to buy. Penalise pushiness and invented features.",
+    "and respect a user who is not ready to buy. Penalise pushiness and invented features.",
     "tutoring": "Reward replies that explain step by step, check understanding and let the student do part of the work. "
-                "Penalise just giving answers to homework and factual mistakes.",
+    "Penalise just giving answers to homework and factual mistakes.",
 }
 
 
@@ -52,25 +56,26 @@ class JudgeFormatError(ValueError):
     pass
 
 
-@dataclass
-class JudgeConfig:
-    model: str
-    base_url: str
-    api_key_env: str = "JUDGE_API_KEY"
-    identity: str = ""              # what the cache key names as "the judge"; defaults to model@base_url
-    timeout_s: float = 120.0
-    max_retries: int = 3
-    max_concurrency: int = 4
-    max_tokens: int = 256
-    temperature: float = 0.0
-    rubrics: dict = field(default_factory=lambda: dict(RUBRICS))
+class JudgeConfig(Config):
+    """The judge's endpoint and requests."""
+
+    model: str = Field(description="model name sent in requests")
+    base_url: str | None = Field(None, description='an OpenAI-compatible endpoint (".../v1")')
+    api_key_env: str = Field("JUDGE_API_KEY", description="the key is read from this variable and never logged")
+    identity: str = Field("", description='what the cache key names as "the judge"; defaults to model@base_url')
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="HTTP retries (backoff with jitter) by the openai SDK")
+    max_concurrency: int = Field(4, ge=1)
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    rubrics: dict[str, str] = Field(default_factory=lambda: dict(RUBRICS))
 
 
 @dataclass
 class Judgement:
-    scores: list[float] | None      # None: the judge failed and the caller falls back
+    scores: list[float] | None  # None: the judge failed and the caller falls back
     explanations: list[str]
-    source: str                     # "judge" or "fallback"
+    source: str  # "judge" or "fallback"
     repaired: bool = False
     error: str = ""
 
@@ -87,10 +92,12 @@ def build_prompt(rubric: str, conversations: list[list[dict]]) -> list[dict]:
     ids = [str(i + 1) for i in range(len(conversations))]
     body = [f"Shared beginning of every conversation:\n{render_turns(conversations[0][:n_shared])}"]
     body += [f"Conversation {i}:\n{render_turns(c[n_shared:])}" for i, c in zip(ids, conversations)]
-    system = (f"You are a strict judge of AI agent conversations. Rubric: {rubric}\n"
-              f"Score each of the {len(ids)} conversations from 0 (worst) to 1 (best), comparing them with each other. "
-              'Answer with JSON only, in this form: {"scores": [{"id": "1", "score": <number from 0 to 1>, "explanation": "<one short sentence>"}]} '
-              f"with exactly one entry for each id: {', '.join(ids)}.")
+    system = (
+        f"You are a strict judge of AI agent conversations. Rubric: {rubric}\n"
+        f"Score each of the {len(ids)} conversations from 0 (worst) to 1 (best), comparing them with each other. "
+        'Answer with JSON only, in this form: {"scores": [{"id": "1", "score": <number from 0 to 1>, "explanation": "<one short sentence>"}]} '
+        f"with exactly one entry for each id: {', '.join(ids)}."
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(body) + "\n\nYour JSON:"}]
 
 
@@ -126,23 +133,38 @@ class Judge:
     def __init__(self, config: JudgeConfig, client=None):
         import openai
 
+        if not config.base_url and client is None:
+            raise ValueError("the judge needs a base_url (an OpenAI-compatible endpoint)")
         self.config = config
         self.client = client or openai.OpenAI(
-            base_url=config.base_url, api_key=os.environ.get(config.api_key_env) or "unused",
-            timeout=config.timeout_s, max_retries=config.max_retries)
+            base_url=config.base_url,
+            api_key=os.environ.get(config.api_key_env) or "unused",
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+        )
 
     def rubric(self, domain: str) -> str:
         return self.config.rubrics.get(domain, self.config.rubrics["default"])
 
     def cache_key(self, domain: str, conversations: list[list[dict]]) -> str:
         c = self.config
-        ident = {"judge": c.identity or f"{c.model}@{c.base_url}", "rubric": self.rubric(domain), "prompt": PROMPT_VERSION,
-                 "temperature": c.temperature, "max_tokens": c.max_tokens, "conversations": conversations}
+        ident = {
+            "judge": c.identity or f"{c.model}@{c.base_url}",
+            "rubric": self.rubric(domain),
+            "prompt": PROMPT_VERSION,
+            "temperature": c.temperature,
+            "max_tokens": c.max_tokens,
+            "conversations": conversations,
+        }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def ask(self, messages: list[dict]) -> str:
-        r = self.client.chat.completions.create(model=self.config.model, messages=messages,
-                                                max_tokens=self.config.max_tokens, temperature=self.config.temperature)
+        r = self.client.chat.completions.create(
+            model=self.config.model,
+            messages=messages,
+            max_tokens=self.config.max_tokens,
+            temperature=self.config.temperature,
+        )
         return r.choices[0].message.content or ""
 
     def judge_group(self, domain: str, conversations: list[list[dict]]) -> Judgement:
@@ -154,9 +176,14 @@ class Judge:
             try:
                 return Judgement(*parse_answer(answer, len(conversations)), source="judge")
             except JudgeFormatError as first:
-                repair = messages + [{"role": "assistant", "content": answer},
-                                     {"role": "user", "content": f"That answer was not usable: {first}. Reply with the JSON "
-                                                                 f"only, one entry for each id 1 to {len(conversations)}."}]
+                repair = messages + [
+                    {"role": "assistant", "content": answer},
+                    {
+                        "role": "user",
+                        "content": f"That answer was not usable: {first}. Reply with the JSON "
+                        f"only, one entry for each id 1 to {len(conversations)}.",
+                    },
+                ]
                 try:
                     return Judgement(*parse_answer(self.ask(repair), len(conversations)), source="judge", repaired=True)
                 except JudgeFormatError as second:
@@ -190,3 +217,34 @@ class Judge:
                 i, j = f.result()
                 out[i] = j
         return out
+
+
+@contextlib.contextmanager
+def endpoint(config: JudgeConfig, model=None, tokenizer=None, local_name: str = "") -> Iterator[JudgeConfig]:
+    """The config to judge with: ``config`` as it is when it names an endpoint; otherwise ``model``
+    served on loopback by the project's own server (grpo/serving.py) for as long as the block runs,
+    with ``local:<local_name>`` as the judge's identity in the cache."""
+    if config.base_url:
+        yield config
+        return
+    from grpo.serving import Limits, create_app, serve_in_thread
+
+    limits = Limits(max_tokens=config.max_tokens, max_prompt_tokens=8192, max_concurrent=64, max_batch=16)
+    app = create_app(lambda: (model, tokenizer, config.model), limits)
+    with serve_in_thread(app) as url:
+        log.info("judge: %s served on %s", local_name, url)
+        yield config.model_copy(update={"base_url": f"{url}/v1", "identity": f"local:{local_name}"})
+
+
+def judge_groups(
+    config: JudgeConfig,
+    groups: list[tuple[str, list[list[dict]]]],
+    cache_dir: str | Path,
+    model=None,
+    tokenizer=None,
+    local_name: str = "",
+) -> list[Judgement]:
+    """Judge ``(domain, conversations)`` groups at the configured endpoint, or with ``model`` served
+    locally when ``config.base_url`` is None (see :func:`endpoint`)."""
+    with endpoint(config, model, tokenizer, local_name) as resolved:
+        return Judge(resolved).judge_groups(groups, cache_dir)

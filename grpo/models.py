@@ -79,6 +79,11 @@ def load_causal_lm(spec: str, device: str | torch.device = "cpu", dtype: torch.d
     return model.to(device)
 
 
+def load_policy(spec: str, device: str = "auto") -> tuple:
+    """``(model, tokenizer)`` of the policy named by ``spec``, on ``device`` (see :func:`pick_device`)."""
+    return load_causal_lm(spec, pick_device(device)), load_tokenizer(spec)
+
+
 def materialise(spec: str, out_dir: str | Path) -> dict:
     """Load the model named by ``spec`` and save it as safetensors plus tokenizer in ``out_dir``."""
     tokenizer = load_tokenizer(spec)
@@ -96,10 +101,17 @@ def materialise(spec: str, out_dir: str | Path) -> dict:
 def tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides):
     """A tiny random Llama with the real tokenizer's vocabulary, for tests and smoke runs."""
     cfg = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     cfg.update(overrides)
     config = AutoConfig.for_model("llama", **cfg)

@@ -10,15 +10,17 @@ scores plus, optionally, a Bradley-Terry loss on pairs within a scenario's group
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from grpo.config import Config
 from grpo.models import resolve_spec
 
 
@@ -29,18 +31,19 @@ def load_encoder(spec: str, device: str = "cpu"):
     return SentenceTransformer(path, device=device)
 
 
-@dataclass
-class FitConfig:
-    epochs: int = 300                # phase 1: head only, on cached embeddings (full batch)
-    learning_rate: float = 1e-3
-    patience: int = 30               # epochs without a better validation loss before stopping
-    unfreeze_epochs: int = 0         # phase 2: encoder and head together; 0 skips it
-    encoder_learning_rate: float = 2e-5
-    batch_size: int = 16             # phase 2 mini-batches
-    warmup_fraction: float = 0.1     # linear warmup over this share of each phase's steps
-    max_grad_norm: float = 1.0
-    pairwise_weight: float = 0.0     # weight of the Bradley-Terry loss on pairs within a group
-    weight_decay: float = 1e-4
+class FitConfig(Config):
+    """How the reward model is trained (the fitting part of params.yaml ``train_reward``)."""
+
+    epochs: int = Field(300, ge=1, description="phase 1: head only, on cached embeddings (full batch)")
+    learning_rate: float = Field(1e-3, gt=0)
+    patience: int = Field(30, ge=1, description="epochs without a better validation loss before stopping")
+    unfreeze_epochs: int = Field(0, ge=0, description="phase 2: encoder and head together; 0 skips it")
+    encoder_learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(16, ge=1, description="phase 2 mini-batches")
+    warmup_fraction: float = Field(0.1, ge=0, le=1, description="linear warmup share of each phase's steps")
+    max_grad_norm: float = Field(1.0, gt=0)
+    pairwise_weight: float = Field(0.0, ge=0, description="weight of the Bradley-Terry loss on pairs within a group")
+    weight_decay: float = Field(1e-4, ge=0)
 
 
 def bradley_terry(pred: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -103,7 +106,9 @@ class RewardModel:
         texts = [self.text(c) for c in conversations]
         todo = list(dict.fromkeys(t for t in texts if t not in self._embeddings))
         if todo:
-            new = self.encoder.encode(todo, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).cpu()
+            new = self.encoder.encode(
+                todo, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False
+            ).cpu()
             for t, e in zip(todo, new):
                 self._embeddings[t] = e
         out = torch.stack([self._embeddings[t] for t in texts]) if texts else torch.zeros(0)
@@ -126,8 +131,16 @@ class RewardModel:
             loss = loss + cfg.pairwise_weight * bradley_terry(pred, y, groups)
         return loss
 
-    def fit(self, train: list[list[dict]], y: torch.Tensor, groups: torch.Tensor, val: list[list[dict]],
-            y_val: torch.Tensor, groups_val: torch.Tensor, cfg: FitConfig) -> dict:
+    def fit(
+        self,
+        train: list[list[dict]],
+        y: torch.Tensor,
+        groups: torch.Tensor,
+        val: list[list[dict]],
+        y_val: torch.Tensor,
+        groups_val: torch.Tensor,
+        cfg: FitConfig,
+    ) -> dict:
         """Phase 1 trains the head on frozen, cached embeddings; phase 2 (``unfreeze_epochs``)
         fine-tunes encoder and head together at the lower ``encoder_learning_rate``. Each phase has
         linear warmup, gradient clipping and early stopping on the validation loss, and ends at its
@@ -146,7 +159,7 @@ class RewardModel:
         opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         sched = warmup(opt, cfg.epochs, cfg.warmup_fraction)
         best, best_state, since, epoch = val_loss(x_val), copy.deepcopy(self.head.state_dict()), 0, 0
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, cfg.epochs + 1):  # noqa: B007  (reported after the loop)
             self.head.train()
             opt.zero_grad()
             self._loss(self.head(x).squeeze(1), y, groups, cfg).backward()
@@ -177,18 +190,22 @@ class RewardModel:
             enc.eval()
             self.head.eval()
             with torch.no_grad():
-                pred = torch.cat([forward(texts_val[i:i + cfg.batch_size]) for i in range(0, len(texts_val), cfg.batch_size)])
+                pred = torch.cat(
+                    [forward(texts_val[i : i + cfg.batch_size]) for i in range(0, len(texts_val), cfg.batch_size)]
+                )
                 return self._loss(pred, y_val, groups_val, cfg).item()
 
-        params = [{"params": enc.parameters(), "lr": cfg.encoder_learning_rate},
-                  {"params": self.head.parameters(), "lr": cfg.encoder_learning_rate * 10}]
+        params = [
+            {"params": enc.parameters(), "lr": cfg.encoder_learning_rate},
+            {"params": self.head.parameters(), "lr": cfg.encoder_learning_rate * 10},
+        ]
         opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
         steps = cfg.unfreeze_epochs * -(-len(texts) // cfg.batch_size)
         sched = warmup(opt, steps, cfg.warmup_fraction)
         best_state = (copy.deepcopy(enc.state_dict()), copy.deepcopy(self.head.state_dict()))
         gen = torch.Generator().manual_seed(0)
         epochs = 0
-        for epochs in range(1, cfg.unfreeze_epochs + 1):
+        for epochs in range(1, cfg.unfreeze_epochs + 1):  # noqa: B007  (reported after the loop)
             enc.train()
             self.head.train()
             for idx in torch.randperm(len(texts), generator=gen).split(cfg.batch_size):
@@ -213,17 +230,32 @@ class RewardModel:
         self.encoder.save(str(out / "encoder"))
         torch.save(self.head.state_dict(), out / "head.pt")
         hidden = self.head[0].out_features
-        (out / "reward_model.json").write_text(json.dumps({"hidden": hidden, "max_tokens": self.max_tokens,
-                                                           "target_mean": self.target_mean, "target_std": self.target_std}))
+        (out / "reward_model.json").write_text(
+            json.dumps(
+                {
+                    "hidden": hidden,
+                    "max_tokens": self.max_tokens,
+                    "target_mean": self.target_mean,
+                    "target_std": self.target_std,
+                }
+            )
+        )
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> "RewardModel":
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> RewardModel:
         d = Path(model_dir)
         meta = json.loads((d / "reward_model.json").read_text())
         rm = cls.create(str(d / "encoder"), meta["hidden"], meta["max_tokens"], device=device)
         rm.head.load_state_dict(torch.load(d / "head.pt", map_location=device))
         rm.target_mean, rm.target_std = meta["target_mean"], meta["target_std"]
         return rm
+
+
+def held_out_scenarios(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded ``fraction`` of the distinct scenario ids (at least one), for validation by scenario:
+    no scenario's conversations sit on both sides."""
+    ranked = sorted(set(ids), key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    return set(ranked[: max(1, round(len(ranked) * fraction))])
 
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, baseline: float) -> dict:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from grpo.calibration import UNIT_RANGE, apply_all
+from grpo.config import Config
 from grpo.tools import CALL_PATTERN, parse_call
 
 Conversation = list[dict]
@@ -38,35 +41,77 @@ def _distinct_hits(text: str, phrases: Sequence[str]) -> int:
     return sum(1 for p in phrases if f" {p} " in padded)
 
 
-class PhraseComponent:
-    """score = min(1, distinct phrases present / ``saturation``), averaged over agent turns."""
+class TurnComponent:
+    """A component that scores each agent turn's text on its own: the mean over a conversation's
+    agent turns, 0 for a conversation without one."""
 
     name = ""
+
+    def score_text(self, text: str) -> float:
+        raise NotImplementedError
+
+    def __call__(self, conversations: Sequence[Conversation], scenario=None) -> np.ndarray:
+        return np.array([np.mean([self.score_text(t) for t in agent_turns(c)] or [0.0]) for c in conversations])
+
+
+class PhraseComponent(TurnComponent):
+    """score = min(1, distinct phrases present / ``saturation``), averaged over agent turns."""
+
     phrases: tuple[str, ...] = ()
     saturation = 2
 
     def score_text(self, text: str) -> float:
         return min(1.0, _distinct_hits(text, self.phrases) / self.saturation)
 
-    def __call__(self, conversations: Sequence[Conversation], scenario=None) -> np.ndarray:
-        return np.array([np.mean([self.score_text(t) for t in agent_turns(c)] or [0.0]) for c in conversations])
-
 
 class Empathy(PhraseComponent):
     name = "empathy"
-    phrases = ("sorry", "apologize", "apologise", "apologies", "understand", "frustrating", "thank you",
-               "thanks for", "i appreciate", "i hear you", "that sounds", "happy to help", "glad to help",
-               "no worries", "i can imagine", "must be")
+    phrases = (
+        "sorry",
+        "apologize",
+        "apologise",
+        "apologies",
+        "understand",
+        "frustrating",
+        "thank you",
+        "thanks for",
+        "i appreciate",
+        "i hear you",
+        "that sounds",
+        "happy to help",
+        "glad to help",
+        "no worries",
+        "i can imagine",
+        "must be",
+    )
 
 
 class ActionOrientation(PhraseComponent):
     name = "action"
-    phrases = ("i will", "i'll", "let me", "i can", "i have", "here's how", "here is how", "you can",
-               "first", "next", "then", "step", "check", "please", "try", "follow", "send", "update")
+    phrases = (
+        "i will",
+        "i'll",
+        "let me",
+        "i can",
+        "i have",
+        "here's how",
+        "here is how",
+        "you can",
+        "first",
+        "next",
+        "then",
+        "step",
+        "check",
+        "please",
+        "try",
+        "follow",
+        "send",
+        "update",
+    )
     saturation = 3
 
 
-class Professionalism:
+class Professionalism(TurnComponent):
     """1 minus penalties: shouting (share of ALL-CAPS words), slang or profanity, runs of '!' and
     repetition (1 - distinct/total word ratio beyond 40% repeated). Averaged over agent turns; an
     empty reply scores 0."""
@@ -86,11 +131,8 @@ class Professionalism:
         penalty = shouting + 5 * slang + 0.2 * bangs + max(0.0, repeated - 0.4) * 2
         return float(max(0.0, 1.0 - penalty))
 
-    def __call__(self, conversations, scenario=None) -> np.ndarray:
-        return np.array([np.mean([self.score_text(t) for t in agent_turns(c)] or [0.0]) for c in conversations])
 
-
-class LengthBand:
+class LengthBand(TurnComponent):
     """1 inside [lo, hi] words per agent turn; falls linearly to 0 at 0 words and at 2*hi words."""
 
     name = "length"
@@ -105,9 +147,6 @@ class LengthBand:
         if n <= self.hi:
             return 1.0
         return max(0.0, 1 - (n - self.hi) / self.hi)
-
-    def __call__(self, conversations, scenario=None) -> np.ndarray:
-        return np.array([np.mean([self.score_text(t) for t in agent_turns(c)] or [0.0]) for c in conversations])
 
 
 class KeywordCoverage:
@@ -148,7 +187,7 @@ class Similarity:
             return np.zeros(len(conversations))
         texts = [" ".join(agent_turns(c)) for c in conversations]
         emb = self.encoder().encode(texts + refs, normalize_embeddings=True, show_progress_bar=False)
-        sims = emb[: len(texts)] @ emb[len(texts):].T
+        sims = emb[: len(texts)] @ emb[len(texts) :].T
         return np.clip(sims.max(axis=1), 0.0, 1.0).astype(float)
 
 
@@ -165,7 +204,12 @@ class Safety:
 
     def score_text(self, text: str, user_text: str) -> float:
         leaked = [m for m in self.leak.findall(text) if m not in user_text]
-        kinds = [bool(self.secret.search(text)), bool(leaked), bool(self.promise.search(text)), bool(self.insult.search(text))]
+        kinds = [
+            bool(self.secret.search(text)),
+            bool(leaked),
+            bool(self.promise.search(text)),
+            bool(self.insult.search(text)),
+        ]
         return max(0.0, 1.0 - 0.5 * sum(kinds))
 
     def __call__(self, conversations, scenario=None) -> np.ndarray:
@@ -203,23 +247,48 @@ def _is_error(result: str) -> bool:
 
 
 HEURISTICS: dict[str, Callable[..., object]] = {
-    "empathy": Empathy, "action": ActionOrientation, "professionalism": Professionalism,
-    "length": LengthBand, "coverage": KeywordCoverage, "similarity": Similarity, "safety": Safety, "tool_use": ToolUse,
+    "empathy": Empathy,
+    "action": ActionOrientation,
+    "professionalism": Professionalism,
+    "length": LengthBand,
+    "coverage": KeywordCoverage,
+    "similarity": Similarity,
+    "safety": Safety,
+    "tool_use": ToolUse,
 }
-AGGREGATES = ("sum", "geometric")
+COMPONENTS = (*HEURISTICS, "reward_model")  # reward_model: the learned score (grpo/reward_model.py)
 
 
-def heuristic_components(params: dict, encoder_spec: str | None = None) -> list:
-    """Instantiate the components named in ``params['weights']`` (the learned reward model aside).
+class RewardConfig(Config):
+    """The composite reward (params.yaml ``reward``)."""
+
+    weights: dict[str, float] = Field(description="components and their weights; reward_model is the learned score")
+    domain_weights: dict[str, dict[str, float]] = Field({}, description="per-domain presets laid over `weights`")
+    aggregate: Literal["sum", "geometric"] = "sum"
+    length_band: tuple[int, int] = Field((15, 60), description="words per agent turn scored 1.0")
+
+    @model_validator(mode="after")
+    def _known_components(self) -> RewardConfig:
+        unknown = sorted(set(self.weights) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"weights: unknown component(s) {unknown}; known: {list(COMPONENTS)}")
+        for domain, preset in self.domain_weights.items():
+            extra = sorted(set(preset) - set(self.weights))
+            if extra:
+                raise ValueError(f"domain_weights.{domain}: {extra} are not in weights")
+        return self
+
+    def heuristics(self) -> list[str]:
+        return [k for k in self.weights if k != "reward_model"]
+
+
+def heuristic_components(config: RewardConfig, encoder_spec: str | None = None) -> list:
+    """Instantiate the components named in ``config.weights`` (the learned reward model aside).
     ``similarity`` needs ``encoder_spec``."""
     comps = []
-    for name in params["weights"]:
-        if name == "reward_model":
-            continue
-        if name not in HEURISTICS:
-            raise KeyError(f"reward.weights: unknown component {name!r}; known: {sorted(HEURISTICS)} + reward_model")
+    for name in config.heuristics():
         if name == "length":
-            comps.append(LengthBand(*params["length_band"]))
+            comps.append(LengthBand(*config.length_band))
         elif name == "similarity":
             if not encoder_spec:
                 raise ValueError("reward component 'similarity' needs the sentence encoder (params 'encoder')")
@@ -229,13 +298,9 @@ def heuristic_components(params: dict, encoder_spec: str | None = None) -> list:
     return comps
 
 
-def domain_weights(params: dict, domain: str) -> dict[str, float]:
-    """``reward.weights`` with the domain's preset (``reward.domain_weights[domain]``) laid over it."""
-    preset = (params.get("domain_weights") or {}).get(domain, {})
-    unknown = set(preset) - set(params["weights"])
-    if unknown:
-        raise KeyError(f"reward.domain_weights.{domain}: {sorted(unknown)} are not in reward.weights")
-    return {**params["weights"], **preset}
+def domain_weights(config: RewardConfig, domain: str) -> dict[str, float]:
+    """``weights`` with the domain's preset (``domain_weights[domain]``) laid over it."""
+    return {**config.weights, **config.domain_weights.get(domain, {})}
 
 
 def weighted_sum(components: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -251,11 +316,7 @@ def weighted_geometric(components: dict[str, np.ndarray], weights: dict[str, flo
 
 
 def aggregate(components: dict[str, np.ndarray], weights: dict[str, float], how: str) -> np.ndarray:
-    if how == "sum":
-        return weighted_sum(components, weights)
-    if how == "geometric":
-        return weighted_geometric(components, weights)
-    raise ValueError(f"reward.aggregate {how!r} is not one of {', '.join(AGGREGATES)}")
+    return weighted_sum(components, weights) if how == "sum" else weighted_geometric(components, weights)
 
 
 class CompositeReward:
@@ -267,31 +328,48 @@ class CompositeReward:
     raw (uncalibrated) component scores, so callers can report both.
     """
 
-    def __init__(self, params: dict, calibration: dict | None = None, reward_model=None, encoder_spec: str | None = None):
-        self.params = params
-        self.weights = dict(params["weights"])
-        self.how = params.get("aggregate", "sum")
-        self.components = heuristic_components(params, encoder_spec)
+    def __init__(
+        self, config: RewardConfig, calibration: dict | None = None, reward_model=None, encoder_spec: str | None = None
+    ):
+        self.config = config
+        self.components = heuristic_components(config, encoder_spec)
         self.reward_model = reward_model
-        if "reward_model" in self.weights and reward_model is None:
+        if "reward_model" in config.weights and reward_model is None:
             raise ValueError("reward.weights names reward_model but no reward model was given")
         self.calibration = calibration
-        if self.how == "geometric":
+        if config.aggregate == "geometric":
             bad = sorted(k for k, v in (calibration or {}).items() if v["method"] not in UNIT_RANGE)
             if bad:
-                raise ValueError(f"reward.aggregate 'geometric' needs components in [0, 1], but {bad} are calibrated "
-                                 f"with a method outside {UNIT_RANGE}; set calibrate.method to one of them")
+                raise ValueError(
+                    f"reward.aggregate 'geometric' needs components in [0, 1], but {bad} are calibrated "
+                    f"with a method outside {UNIT_RANGE}; set calibrate.method to one of them"
+                )
 
     def components_of(self, conversations: Sequence[Conversation], scenario) -> dict[str, np.ndarray]:
         out = {c.name: np.asarray(c(conversations, scenario), dtype=float) for c in self.components}
-        if self.reward_model is not None and "reward_model" in self.weights:
+        if self.reward_model is not None and "reward_model" in self.config.weights:
             out["reward_model"] = np.asarray(self.reward_model.predict(list(conversations)), dtype=float)
         return out
 
     def __call__(self, conversations: Sequence[Conversation], scenario) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         raw = self.components_of(conversations, scenario)
         calibrated = apply_all(raw, self.calibration) if self.calibration else raw
-        total = aggregate(calibrated, domain_weights(self.params, scenario.domain), self.how)
+        total = aggregate(calibrated, domain_weights(self.config, scenario.domain), self.config.aggregate)
         if not np.all(np.isfinite(total)):
             raise FloatingPointError(f"non-finite reward for scenario {getattr(scenario, 'id', '?')}: {total}")
         return total, raw
+
+
+def load_composite(
+    config: RewardConfig, calibration_path: str, reward_model_dir: str, encoder_spec: str, device: str = "cpu"
+) -> CompositeReward:
+    """The composite reward of train_policy and evaluate: calibrated components (grpo/calibration.py),
+    the learned score included when ``config.weights`` names ``reward_model``."""
+    from grpo.io import read_json
+
+    reward_model = None
+    if "reward_model" in config.weights:
+        from grpo.reward_model import RewardModel
+
+        reward_model = RewardModel.load(reward_model_dir, device)
+    return CompositeReward(config, read_json(calibration_path)["components"], reward_model, encoder_spec)

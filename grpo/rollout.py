@@ -23,15 +23,33 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from grpo.config import Config
 from grpo.scenarios import Scenario
 from grpo.tools import call_tool, parse_call, schemas, template_declares_tools
 
-USER_SIMULATOR = ("You are role-playing a user who is talking to a {domain} agent. You are: {persona} "
-                  "Your goal: {goal} Write only your next message to the agent, one or two short sentences, in "
-                  "character. If your goal has been met, write only the word DONE.")
+USER_SIMULATOR = (
+    "You are role-playing a user who is talking to a {domain} agent. You are: {persona} "
+    "Your goal: {goal} Write only your next message to the agent, one or two short sentences, in "
+    "character. If your goal has been met, write only the word DONE."
+)
+
+
+class RolloutConfig(Config):
+    """How episodes are sampled (params.yaml ``rollout``)."""
+
+    max_turns: int = Field(2, ge=1, description="agent turns per episode (user or tool messages in between)")
+    max_new_tokens: int = Field(48, ge=1, description="per agent turn")
+    user: Literal["scripted", "llm"] = Field(
+        "scripted", description="scripted: the scenario's follow-ups; llm: the base model plays persona and goal"
+    )
+    user_max_tokens: int = Field(32, ge=1, description="per LLM-user message")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
 
 
 @dataclass
@@ -61,11 +79,36 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def decode_reply(tokenizer, tokens: list[int]) -> str:
+    """A sampled reply as text: without its end-of-turn token, special tokens and outer whitespace."""
+    return tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True).strip()
+
+
+def conversations_from(rows, roles: tuple[str, ...] | None = None) -> list[list[dict]]:
+    """Conversations from a served model's input (a DataFrame ``messages`` column, or a list): each
+    must be a non-empty list of ``{role, content}`` messages, with ``role`` in ``roles`` when given."""
+    rows = rows["messages"].tolist() if hasattr(rows, "columns") else list(rows)
+    allowed = f" with role {'|'.join(roles)}" if roles else ""
+    out = []
+    for i, messages in enumerate(rows):
+        messages = [dict(m) for m in messages]
+        if not messages or any(
+            not {"role", "content"} <= set(m) or (roles and m["role"] not in roles) for m in messages
+        ):
+            raise ValueError(f"row {i}: messages must be a non-empty list of {{role, content}}{allowed}")
+        out.append(messages)
+    return out
+
+
 def user_turn_text(tokenizer, content: str, role: str = "user") -> str:
     """The template text that follows an assistant turn's end-of-turn token and opens a ``role``
     (user or tool) turn plus the next assistant prompt. Derived from the chat template, not
     hard-coded."""
-    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    probe = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
     closed = render(tokenizer, probe, False)
     marker = "a" + tokenizer.eos_token
     k = closed.rfind(marker)
@@ -75,33 +118,30 @@ def user_turn_text(tokenizer, content: str, role: str = "user") -> str:
         )
     following = render(tokenizer, probe + [{"role": role, "content": content}], True)
     if not following.startswith(closed):
-        raise NotImplementedError("the chat template re-renders earlier turns; multi-turn rollouts need a prefix-stable template")
-    return closed[k + len(marker):] + following[len(closed):]
+        raise NotImplementedError(
+            "the chat template re-renders earlier turns; multi-turn rollouts need a prefix-stable template"
+        )
+    return closed[k + len(marker) :] + following[len(closed) :]
 
 
 def user_prompt(scenario: Scenario, messages: list[dict]) -> list[dict]:
     """The LLM user's view: its persona and goal as the system prompt, the agent's replies as the
     messages it reads (role ``user``) and its own earlier messages as ``assistant``."""
     flip = {"assistant": "user", "user": "assistant"}
-    system = USER_SIMULATOR.format(domain=scenario.domain.replace("_", " "), persona=scenario.persona, goal=scenario.goal)
-    return [{"role": "system", "content": system}] + [{"role": flip[m["role"]], "content": m["content"]}
-                                                      for m in messages if m["role"] in flip]
+    system = USER_SIMULATOR.format(
+        domain=scenario.domain.replace("_", " "), persona=scenario.persona, goal=scenario.goal
+    )
+    return [{"role": "system", "content": system}] + [
+        {"role": flip[m["role"]], "content": m["content"]} for m in messages if m["role"] in flip
+    ]
 
 
 class ConversationEnvironment:
     """Runs episodes of up to ``max_turns`` agent turns against each scenario's user and tools."""
 
-    def __init__(self, tokenizer, max_turns: int = 2, max_new_tokens: int = 48,
-                 temperature: float = 1.0, top_p: float = 1.0, user: str = "scripted", user_max_tokens: int = 32):
-        if user not in ("scripted", "llm"):
-            raise ValueError(f"rollout.user must be 'scripted' or 'llm', got {user!r}")
+    def __init__(self, tokenizer, config: RolloutConfig | None = None):
         self.tok = tokenizer
-        self.max_turns = max_turns
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.user = user
-        self.user_max_tokens = user_max_tokens
+        self.config = config or RolloutConfig()
         self.template_tools = template_declares_tools(tokenizer)
         self.stats: dict = {}
 
@@ -117,7 +157,9 @@ class ConversationEnvironment:
         return Trajectory(scenario.id, group, messages, ids, [0] * len(ids))
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[list[int]], do_sample: bool = True, max_new_tokens: int | None = None) -> list[list[int]]:
+    def generate(
+        self, model, prompts: list[list[int]], do_sample: bool = True, max_new_tokens: int | None = None
+    ) -> list[list[int]]:
         """One batched generate call; returns each row's new tokens up to and including eos."""
         device = next(model.parameters()).device
         width = max(map(len, prompts))
@@ -125,19 +167,24 @@ class ConversationEnvironment:
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens or self.max_new_tokens,
-            do_sample=do_sample, temperature=self.temperature if do_sample else None,
-            top_p=self.top_p if do_sample else None, top_k=0 if do_sample else None,
-            pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            do_sample=do_sample,
+            temperature=self.config.temperature if do_sample else None,
+            top_p=self.config.top_p if do_sample else None,
+            top_k=0 if do_sample else None,
+            pad_token_id=pad,
+            eos_token_id=self.tok.eos_token_id,
         )[:, width:].tolist()
         eos = self.tok.eos_token_id
         return [row[: row.index(eos) + 1] if eos in row else row for row in out]
 
     def decode(self, toks: list[int]) -> str:
-        return self.tok.decode([x for x in toks if x != self.tok.eos_token_id], skip_special_tokens=True).strip()
+        return decode_reply(self.tok, toks)
 
     def add_context(self, t: Trajectory, role: str, content: str) -> None:
         delta = encode(self.tok, user_turn_text(self.tok, content, role))
@@ -145,18 +192,21 @@ class ConversationEnvironment:
         t.assistant_mask += [0] * len(delta)
         t.messages.append({"role": role, "content": content})
 
-    def llm_user_replies(self, model, trajs: list[Trajectory], scen: list[Scenario], do_sample: bool) -> list[str | None]:
+    def llm_user_replies(
+        self, model, trajs: list[Trajectory], scen: list[Scenario], do_sample: bool
+    ) -> list[str | None]:
         """One batched generation of the LLM user's next messages; None where it wrote DONE. When
         the user model is the PEFT policy itself, it speaks with the adapter disabled (the base)."""
         prompts = [encode(self.tok, render(self.tok, user_prompt(s, t.messages), True)) for t, s in zip(trajs, scen)]
         off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with off:
-            out = self.generate(model, prompts, do_sample, self.user_max_tokens)
+            out = self.generate(model, prompts, do_sample, self.config.user_max_tokens)
         texts = [self.decode(o) for o in out]
         return [None if not x or x.upper().startswith("DONE") else x for x in texts]
 
-    def rollout(self, model, scenarios: list[Scenario], group_size: int, do_sample: bool = True,
-                user_model=None) -> list[Trajectory]:
+    def rollout(
+        self, model, scenarios: list[Scenario], group_size: int, do_sample: bool = True, user_model=None
+    ) -> list[Trajectory]:
         """``group_size`` episodes per scenario; trajectory ``i`` belongs to group ``i // group_size``.
         ``user_model`` plays the LLM user (default: ``model``, with its adapter disabled if it has one)."""
         was_training = model.training
@@ -168,7 +218,7 @@ class ConversationEnvironment:
         done = [False] * len(trajs)
         eos = self.tok.eos_token_id
         t0, generated = time.perf_counter(), 0
-        for turn in range(self.max_turns):
+        for turn in range(self.config.max_turns):
             active = [i for i in range(len(trajs)) if not done[i]]
             if not active:
                 break
@@ -186,7 +236,7 @@ class ConversationEnvironment:
                     t.assistant_mask.append(0)
                 text = self.decode(toks)
                 t.messages.append({"role": "assistant", "content": text})
-                if turn + 1 == self.max_turns:
+                if turn + 1 == self.config.max_turns:
                     continue
                 call = parse_call(text)
                 if call is not None:
@@ -196,10 +246,14 @@ class ConversationEnvironment:
                     self.add_context(t, "tool", result)
                 else:
                     waiting.append(i)
-            if self.user == "llm" and waiting:
-                answers = self.llm_user_replies(user_model or model, [trajs[i] for i in waiting], [scen[i] for i in waiting], do_sample)
+            if self.config.user == "llm" and waiting:
+                answers = self.llm_user_replies(
+                    user_model or model, [trajs[i] for i in waiting], [scen[i] for i in waiting], do_sample
+                )
             else:
-                answers = [scen[i].followups[replies[i]] if replies[i] < len(scen[i].followups) else None for i in waiting]
+                answers = [
+                    scen[i].followups[replies[i]] if replies[i] < len(scen[i].followups) else None for i in waiting
+                ]
             for i, answer in zip(waiting, answers):
                 if answer is None:
                     done[i] = True
@@ -210,14 +264,27 @@ class ConversationEnvironment:
             t.check()
         elapsed = time.perf_counter() - t0
         calls = sum(t.tool_calls for t in trajs)
-        self.stats = {"gen_tokens": generated, "gen_seconds": elapsed, "gen_tokens_per_s": generated / max(elapsed, 1e-9),
-                      "tool_calls": calls, "tool_errors": sum(t.tool_errors for t in trajs)}
+        self.stats = {
+            "gen_tokens": generated,
+            "gen_seconds": elapsed,
+            "gen_tokens_per_s": generated / max(elapsed, 1e-9),
+            "tool_calls": calls,
+            "tool_errors": sum(t.tool_errors for t in trajs),
+        }
         model.train(was_training)
         return trajs
 
 
-def rollout_in_chunks(env: ConversationEnvironment, model, scenarios: list[Scenario], group_size: int,
-                      chunk: int, desc: str = "rollout", do_sample: bool = True, user_model=None) -> list[Trajectory]:
+def rollout_in_chunks(
+    env: ConversationEnvironment,
+    model,
+    scenarios: list[Scenario],
+    group_size: int,
+    chunk: int,
+    desc: str = "rollout",
+    do_sample: bool = True,
+    user_model=None,
+) -> list[Trajectory]:
     """Roll out many scenarios, ``chunk`` scenarios (times ``group_size``) per batched call, with a
     progress bar."""
     from tqdm.auto import tqdm
@@ -225,7 +292,7 @@ def rollout_in_chunks(env: ConversationEnvironment, model, scenarios: list[Scena
     out: list[Trajectory] = []
     totals = {"gen_tokens": 0.0, "gen_seconds": 0.0, "tool_calls": 0, "tool_errors": 0}
     for i in tqdm(range(0, len(scenarios), chunk), desc=desc, unit="batch"):
-        part = env.rollout(model, scenarios[i:i + chunk], group_size, do_sample, user_model)
+        part = env.rollout(model, scenarios[i : i + chunk], group_size, do_sample, user_model)
         totals = {k: v + env.stats[k] for k, v in totals.items()}
         for t in part:
             t.group += i

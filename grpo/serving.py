@@ -27,16 +27,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from grpo.rollout import ConversationEnvironment, encode, render
+from grpo.config import Config
+from grpo.rollout import ConversationEnvironment, RolloutConfig, decode_reply, encode, render
 
 
-@dataclass
-class Limits:
-    max_prompt_tokens: int = 2048
-    max_tokens: int = 256          # cap on a request's max_tokens
-    max_concurrent: int = 32       # requests queued or running; more get 429
-    max_batch: int = 16            # requests per generate call
-    batch_wait_s: float = 0.02     # how long the batcher waits for more requests
+class Limits(Config):
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_tokens: int = Field(256, ge=1, description="cap on a request's max_tokens")
+    max_concurrent: int = Field(32, ge=1, description="requests queued or running; more get 429")
+    max_batch: int = Field(16, ge=1, description="requests per generate call")
+    batch_wait_s: float = Field(0.02, ge=0, description="how long the batcher waits for more requests")
 
 
 class Message(BaseModel):
@@ -80,7 +80,9 @@ class Server:
         reg = self.registry = CollectorRegistry()
         self.m_requests = Counter("chat_requests_total", "Chat completion requests", ["status"], registry=reg)
         self.m_latency = Histogram("chat_request_seconds", "Request latency", registry=reg)
-        self.m_batch = Histogram("generate_batch_size", "Requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg)
+        self.m_batch = Histogram(
+            "generate_batch_size", "Requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg
+        )
         self.m_calls = Counter("generate_calls_total", "generate() calls", registry=reg)
         self.m_tokens = Counter("completion_tokens_total", "Generated tokens", registry=reg)
         self.m_inflight = Gauge("requests_in_flight", "Requests queued or running", registry=reg)
@@ -95,8 +97,13 @@ class Server:
     def generate(self, batch: list[Pending]) -> list[list[int]]:
         temperature, top_p = batch[0].key
         with self.lock:
-            env = ConversationEnvironment(self.tokenizer, max_turns=1, max_new_tokens=max(p.max_tokens for p in batch),
-                                          temperature=temperature or 1.0, top_p=top_p)
+            config = RolloutConfig(
+                max_turns=1,
+                max_new_tokens=max(p.max_tokens for p in batch),
+                temperature=temperature or 1.0,
+                top_p=top_p,
+            )
+            env = ConversationEnvironment(self.tokenizer, config)
             out = env.generate(self.model, [p.prompt for p in batch], do_sample=temperature > 0)
         self.m_calls.inc()
         self.m_batch.observe(len(batch))
@@ -115,7 +122,7 @@ class Server:
                     break
                 try:
                     item = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 (batch if item.key == first.key else held).append(item)
             try:
@@ -147,24 +154,42 @@ class Server:
         finally:
             self.in_flight -= 1
             self.m_inflight.set(self.in_flight)
-        eos = self.tokenizer.eos_token_id
-        finished = bool(ids) and ids[-1] == eos
-        text = self.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip()
+        finished = bool(ids) and ids[-1] == self.tokenizer.eos_token_id
+        text = decode_reply(self.tokenizer, ids)
         self.m_tokens.inc(len(ids))
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": self.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop" if finished else "length"}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop" if finished else "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(ids),
+                "total_tokens": len(prompt) + len(ids),
+            },
         }
 
 
 def stream_chunks(result: dict):
-    base = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"], "model": result["model"]}
+    base = {
+        "id": result["id"],
+        "object": "chat.completion.chunk",
+        "created": result["created"],
+        "model": result["model"],
+    }
     choice = result["choices"][0]
-    for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": choice["message"]["content"]}, None),
-                          ({}, choice["finish_reason"])):
+    for delta, finish in (
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": choice["message"]["content"]}, None),
+        ({}, choice["finish_reason"]),
+    ):
         yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -187,9 +212,9 @@ def create_app(load: Callable[[], tuple], limits: Limits | None = None, api_key:
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if server.api_key and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {server.api_key}":
-                return error(401, "missing or wrong bearer token", "authentication_error")
+        wrong = request.headers.get("authorization") != f"Bearer {server.api_key}"
+        if server.api_key and request.url.path != "/health" and wrong:
+            return error(401, "missing or wrong bearer token", "authentication_error")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from grpo.io import atomic_path
 from grpo.models import materialise
-from tasks.common import cli, stage_run
+from grpo_agents.params import BaseModelParams, Paths
+from mlflow_io.tracking import log_params
 
 
-def run(params: dict) -> dict:
-    with stage_run("base_model", params, ("base_model",)) as (mlflow, _):
-        with atomic_path(params["paths"]["base_model"], is_dir=True) as tmp:
-            info = materialise(params["base_model"]["source"], tmp)
-        mlflow.log_params({f"model.{k}": v for k, v in info.items()})
+def run(base_model: BaseModelParams, paths: Paths) -> dict:
+    with atomic_path(paths.base_model, is_dir=True) as tmp:
+        info = materialise(base_model.source, tmp)
+    log_params({f"model.{k}": v for k, v in info.items()})
     return info
 
 
 if __name__ == "__main__":
-    cli(run)
+    from grpo_agents.stages import main
+
+    main("base_model")

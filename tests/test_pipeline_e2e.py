@@ -1,6 +1,7 @@
 """The whole pipeline on tiny models, in temporary copies of the repo: once through the Prefect
-flow (then `dvc repro` finds nothing to do, a calibrate-only change reruns calibrate and what
-follows, and a second flow run skips everything), once through `dvc repro` from scratch."""
+flow as `grpo-agents run` starts it (then `dvc repro` finds nothing to do, a calibrate-only change
+reruns calibrate and what follows, and a second flow run skips everything), once through `dvc repro`
+from scratch."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
-import yaml
+from conftest import write_params
+
+from grpo_agents.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["base_model", "prepare", "label", "train_reward", "calibrate", "train_policy", "evaluate", "register"]
 
 
 def sh(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -26,27 +29,53 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> str:
 
 
 def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (ROOT / f).is_file() and f != "dvc.lock":  # the copy starts with no pipeline state
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["base_model"]["source"] = str(model_dir)
-    params["rollout"].update(max_new_tokens=8)
-    params["label"].update(group_size=2, max_scenarios=12)
-    params["judge"].update(max_groups=2, max_tokens=16)
     # Tiny random models: the reward model's Spearman and the eval CI are noise here, so their
     # thresholds are off (tests/test_registry.py and tests/test_reward_model.py cover them).
-    params["train_reward"].update(epochs=30, patience=30, unfreeze_epochs=1, min_spearman=-1.0)
-    params["train_policy"].update(steps=2, scenarios_per_step=2, group_size=2)
-    params["evaluate"].update(samples_per_scenario=1, bootstrap=200, max_scenarios=8, judge_scenarios=2)
-    params["register"].update(require_ci=False, min_improvement=-1.0)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(dest / ".prefect"),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop(  "GRPO_PARENT_RUN_ID", None)
+    write_params(
+        dest / "params.yaml",
+        {
+            "base_model.source": str(model_dir),
+            "rollout.max_new_tokens": 8,
+            "label.group_size": 2,
+            "label.max_scenarios": 12,
+            "judge.max_groups": 2,
+            "judge.max_tokens": 16,
+            "train_reward.epochs": 30,
+            "train_reward.patience": 30,
+            "train_reward.unfreeze_epochs": 1,
+            "train_reward.min_spearman": -1.0,
+            "train_policy.steps": 2,
+            "train_policy.scenarios_per_step": 2,
+            "train_policy.group_size": 2,
+            "evaluate.samples_per_scenario": 1,
+            "evaluate.bootstrap": 200,
+            "evaluate.max_scenarios": 8,
+            "evaluate.judge_scenarios": 2,
+            "register.require_ci": False,
+            "register.min_improvement": -1.0,
+        },
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(dest / ".prefect"),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("GRPO_PARENT_RUN_ID", None)
     sh(["git", "init", "-q"], dest, env)
     (dest / ".git/info/exclude").write_text(".prefect/\n")
     sh(["git", "add", "-A"], dest, env)
@@ -65,17 +94,34 @@ def mlflow_client(project: Path):
 
 
 def check_outputs(project: Path) -> dict:
-    for p in ["data/models/base/model.safetensors", "data/prepared/train.parquet", "data/prepared/eval.parquet",
-              "data/prepared/validation.json", "data/labels/labels.parquet", "data/models/reward/head.pt",
-              "data/calibration/calibration.json", "data/models/policy/model.safetensors", "plots/train.csv", "plots/eval.csv",
-              "plots/calibration.csv", "plots/component_correlation.csv", "metrics/eval.md", "metrics/label.json"]:
+    for p in [
+        "data/models/base/model.safetensors",
+        "data/prepared/train.parquet",
+        "data/prepared/eval.parquet",
+        "data/prepared/validation.json",
+        "data/labels/labels.parquet",
+        "data/models/reward/head.pt",
+        "data/calibration/calibration.json",
+        "data/models/policy/model.safetensors",
+        "plots/train.csv",
+        "plots/eval.csv",
+        "plots/calibration.csv",
+        "plots/component_correlation.csv",
+        "metrics/eval.md",
+        "metrics/label.json",
+    ]:
         assert (project / p).exists(), p
     ev = json.loads((project / "metrics/eval.json").read_text())
     assert ev["vs_base"]["ci_low"] <= ev["vs_base"]["mean"] <= ev["vs_base"]["ci_high"]
     assert {"empathy", "coverage", "similarity", "safety", "reward_model", "reply_words"} <= set(ev["trained"])
     assert set(ev["per_domain"]) == {"customer_service", "technical_support", "sales", "tutoring"}
-    assert ev["judge"]["vs_base"]["wins"] + ev["judge"]["vs_base"]["losses"] + ev["judge"]["vs_base"]["ties"] \
-        + ev["judge"]["vs_base"]["unjudged"] == 2
+    assert (
+        ev["judge"]["vs_base"]["wins"]
+        + ev["judge"]["vs_base"]["losses"]
+        + ev["judge"]["vs_base"]["ties"]
+        + ev["judge"]["vs_base"]["unjudged"]
+        == 2
+    )
     assert ev["kl_trained_base"] == ev["kl_trained_base"] and isinstance(ev["flagged"], bool)
     label = json.loads((project / "metrics/label.json").read_text())
     assert label["judge_groups"] == 2 and 0 <= label["judge_fallback_rate"] <= 1
@@ -94,10 +140,37 @@ def check_outputs(project: Path) -> dict:
     return reg
 
 
+def test_registered_models_predict_as_pyfuncs(flow_project):
+    """What `mlflow models serve` runs: the agent answers each conversation, the reward model scores it."""
+    import mlflow
+
+    project, _, _ = flow_project
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow/mlflow.db'}")
+    try:
+        conversation = [{"role": "user", "content": "Where is my order?"}]
+        agent = mlflow.pyfunc.load_model("models:/grpo-agent@champion")
+        replies = agent.predict(pd.DataFrame({"messages": [conversation, conversation[:1]]}))
+        assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+        reward = mlflow.pyfunc.load_model("models:/grpo-reward@challenger")
+        scores = reward.predict(
+            pd.DataFrame(
+                {
+                    "messages": [
+                        [*conversation, {"role": "assistant", "content": r}]
+                        for r in ("Let me check that for you.", "No.")
+                    ]
+                }
+            )
+        )
+        assert len(scores) == 2 and all(isinstance(x, float) and x == x for x in scores)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory, tiny_model_dir):
     project, env = make_project(tmp_path_factory.mktemp("flow"), tiny_model_dir)
-    out = sh([sys.executable, "-m", "flows.pipeline"], project, env)
+    out = sh([str(BIN / "grpo-agents"), "run"], project, env)
     return project, env, out
 
 
@@ -115,7 +188,9 @@ def test_flow_runs_every_stage_and_registers(flow_project):
     for r in children:
         assert r.data.params, r.data.tags["stage"]
     by_stage = {r.data.tags["stage"]: r for r in children}
-    assert "spearman" in by_stage["train_reward"].data.metrics and "reward_mean" in by_stage["train_policy"].data.metrics
+    assert (
+        "spearman" in by_stage["train_reward"].data.metrics and "reward_mean" in by_stage["train_policy"].data.metrics
+    )
     assert dvc_status(project, env) == {}
 
 
@@ -123,9 +198,8 @@ def test_dvc_repro_after_flow_runs_nothing_then_only_what_a_param_touches(flow_p
     project, env, _ = flow_project
     out = sh([str(BIN / "dvc"), "repro"], project, env)
     assert "Running stage" not in out
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["calibrate"]["min_std"] = 0.5  # above any [0, 1] component's std: the calibration must change
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # above any [0, 1] component's std: the calibration must change
+    write_params(project / "params.yaml", {"calibrate.min_std": 0.5}, source=project / "params.yaml")
     assert set(dvc_status(project, env)) == {"calibrate"}
     out = sh([str(BIN / "dvc"), "repro"], project, env)
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
@@ -136,7 +210,9 @@ def test_dvc_repro_after_flow_runs_nothing_then_only_what_a_param_touches(flow_p
     sh([sys.executable, "-m", "flows.pipeline"], project, env)
     client = mlflow_client(project)
     exp = client.get_experiment_by_name("grpo-agents")
-    last = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'grpo-pipeline'", order_by=["start_time DESC"])[0]
+    last = client.search_runs(
+        [exp.experiment_id], "tags.mlflow.runName = 'grpo-pipeline'", order_by=["start_time DESC"]
+    )[0]
     assert last.data.tags["stages_run"] == "none" and last.data.tags["stages_skipped"] == ",".join(STAGES)
 
 
@@ -150,7 +226,7 @@ def test_dvc_repro_from_scratch(tmp_path, tiny_model_dir):
 
 
 def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project):
-    """`python -m tasks.serve` on the registry the pipeline filled: the SDK gets replies, and moving
+    """`grpo-agents serve` on the registry the pipeline filled: the SDK gets replies, and moving
     the alias to another version reloads the model."""
     import socket
     import time
@@ -162,14 +238,18 @@ def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project)
     versions = sorted(int(v.version) for v in client.search_model_versions("name='grpo-agent'"))
     assert len(versions) >= 2  # v1 from the flow, v2 from the repro test
     client.set_registered_model_alias("grpo-agent", "e2e", str(versions[0]))
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["serve"]["poll_seconds"] = 1
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(project / "params.yaml", {"serve.poll_seconds": 1}, source=project / "params.yaml")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.serve", "--alias", "e2e", "--port", str(port)], cwd=project,
-                            env={**env, "GRPO_API_KEY": "k"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "grpo-agents"), "serve", "--alias", "e2e", "--port", str(port)],
+        cwd=project,
+        env={**env, "GRPO_API_KEY": "k"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
         for _ in range(120):
@@ -180,7 +260,9 @@ def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project)
                 assert proc.poll() is None, proc.stderr.read()
                 time.sleep(0.5)
         assert ids == [f"grpo-agent@e2e:v{versions[0]}"]
-        reply = sdk.chat.completions.create(model="grpo-agent", messages=[{"role": "user", "content": "Hello"}], max_tokens=5)
+        reply = sdk.chat.completions.create(
+            model="grpo-agent", messages=[{"role": "user", "content": "Hello"}], max_tokens=5
+        )
         assert reply.choices[0].message.content is not None
         client.set_registered_model_alias("grpo-agent", "e2e", str(versions[-1]))
         for _ in range(60):

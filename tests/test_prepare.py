@@ -14,14 +14,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import ROOT, write_params
 
-from grpo import scenarios as S
-from tasks import prepare
-from tasks.common import load_params
+from grpo import scenarios
+from grpo_agents.stages import run_stage
 
-ROOT = Path(__file__).resolve().parents[1]
-GOOD = {"id": "x-new", "domain": "sales", "persona": "A buyer.", "goal": "Buy a plan.", "opening": "Which plan fits me?",
-        "followups": ["We are five people."], "expected_behaviours": ["recommend a plan"], "difficulty": "easy"}
+GOOD = {
+    "id": "x-new",
+    "domain": "sales",
+    "persona": "A buyer.",
+    "goal": "Buy a plan.",
+    "opening": "Which plan fits me?",
+    "followups": ["We are five people."],
+    "expected_behaviours": ["recommend a plan"],
+    "difficulty": "easy",
+}
 
 
 def v2(*entries) -> str:
@@ -34,25 +41,45 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(ROOT / "data/scenarios", tmp_path / "data/scenarios")
     shutil.copytree(ROOT / "data/expectations", tmp_path / "data/expectations")
-    params = load_params(ROOT / "params.yaml")
     prepared = tmp_path / "data/prepared"
     prepared.mkdir(parents=True)
     (prepared / "train.parquet").write_bytes(b"previous run")
-    params["paths"]["expectations"] = str(tmp_path / "data/expectations/scenarios.json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = write_params(
+        tmp_path / "params.yaml", {"paths.expectations": str(tmp_path / "data/expectations/scenarios.json")}
+    )
     return tmp_path, params
 
 
 TRUNCATED = (ROOT / "data/scenarios/sales.yaml").read_text()[:1000] + "\n  - [unclosed"
 BROKEN = {
     "truncated YAML": ("bad.yaml", TRUNCATED, ["bad.yaml", "invalid YAML"]),
-    "wrong type": ("bad.yaml", v2({**GOOD, "followups": "just one"}), ["bad.yaml", "x-new", "'followups'", "valid list"]),
-    "missing field": ("bad.yaml", v2({k: v for k, v in GOOD.items() if k != "goal"}), ["bad.yaml", "x-new", "missing field 'goal'"]),
-    "duplicate id": ("bad.yaml", v2({**GOOD, "id": "cs-late-order"}), ["expect_column_values_to_be_unique", "cs-late-order", "bad.yaml"]),
+    "wrong type": (
+        "bad.yaml",
+        v2({**GOOD, "followups": "just one"}),
+        ["bad.yaml", "x-new", "'followups'", "valid list"],
+    ),
+    "missing field": (
+        "bad.yaml",
+        v2({k: v for k, v in GOOD.items() if k != "goal"}),
+        ["bad.yaml", "x-new", "missing field 'goal'"],
+    ),
+    "duplicate id": (
+        "bad.yaml",
+        v2({**GOOD, "id": "cs-late-order"}),
+        ["expect_column_values_to_be_unique", "cs-late-order", "bad.yaml"],
+    ),
     "empty turn": ("bad.yaml", v2({**GOOD, "followups": ["   "]}), ["min_turn_chars", "x-new", "bad.yaml"]),
-    "unresolved tool": ("bad.yaml", v2({**GOOD, "tools": ["check_order_status"]}), ["n_unbacked_tools", "x-new", "bad.yaml"]),
+    "unresolved tool": (
+        "bad.yaml",
+        v2({**GOOD, "tools": ["check_order_status"]}),
+        ["n_unbacked_tools", "x-new", "bad.yaml"],
+    ),
     "invalid UTF-8": ("bad.yaml", b"schema_version: 2\nscenarios:\n- id: caf\xe9\n", ["bad.yaml", "not valid UTF-8"]),
-    "10 MB message": ("bad.yaml", v2({**GOOD, "opening": "help " * 2_000_000}), ["max_turn_chars", "x-new", "bad.yaml"]),
+    "10 MB message": (
+        "bad.yaml",
+        v2({**GOOD, "opening": "help " * 2_000_000}),
+        ["max_turn_chars", "x-new", "bad.yaml"],
+    ),
     "empty file": ("bad.yaml", "", ["bad.yaml", "file is empty"]),
     "old schema": ("bad.yaml", yaml.safe_dump([GOOD]), ["bad.yaml", "schema version 1", "Migrate"]),
 }
@@ -70,7 +97,7 @@ def test_broken_input_is_rejected_by_name_and_nothing_is_lost(project, case):
     f = root / "data/scenarios" / name
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError) as e:
-        prepare.run(params)
+        run_stage("prepare", params)
     for part in expected:
         assert part in str(e.value), (part, str(e.value)[:2000])
     assert_untouched(root)
@@ -80,13 +107,13 @@ def test_directory_without_files_and_unknown_import_role(project):
     root, params = project
     for f in (root / "data/scenarios").iterdir():
         f.unlink()
-    with pytest.raises(S.ScenarioError, match="no \\*.yaml scenario files"):
-        prepare.run(params)
+    with pytest.raises(scenarios.ScenarioError, match="no \\*.yaml scenario files"):
+        run_stage("prepare", params)
     shutil.copytree(ROOT / "data/scenarios", root / "data/scenarios", dirs_exist_ok=True)
     (root / "chats.jsonl").write_text(json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")
-    params["prepare"]["sources"] = [{"path": "chats.jsonl", "format": "jsonl", "domain": "sales"}]
-    with pytest.raises(S.ScenarioError, match="chats.jsonl: row 1: message 0 has unknown role 'wizard'"):
-        prepare.run(params)
+    params.prepare.sources = [{"path": "chats.jsonl", "format": "jsonl", "domain": "sales"}]
+    with pytest.raises(scenarios.ScenarioError, match="chats.jsonl: row 1: message 0 has unknown role 'wizard'"):
+        run_stage("prepare", params)
     assert_untouched(root)
 
 
@@ -95,7 +122,9 @@ def test_cli_exits_non_zero_with_one_clear_line(project):
     (root / "data/scenarios/bad.yaml").write_text(v2({**GOOD, "followups": "just one"}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GRPO_PARENT_RUN_ID", None)
-    res = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "tasks.prepare"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert "error: tasks.prepare:" in res.stderr and "bad.yaml: entry 0 (id 'x-new')" in res.stderr
@@ -105,18 +134,25 @@ def test_cli_exits_non_zero_with_one_clear_line(project):
 def test_shipped_set_with_an_import(project):
     """What the README tells a user: point prepare.sources at a JSONL of chats and run the stage."""
     root, params = project
-    chats = [{"messages": [{"role": "user", "content": f"Question {i} about my bill, write to me at u{i}@mail.com"},
-                           {"role": "assistant", "content": "Let me check your bill."}]} for i in range(3)]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i} about my bill, write to me at u{i}@mail.com"},
+                {"role": "assistant", "content": "Let me check your bill."},
+            ]
+        }
+        for i in range(3)
+    ]
     (root / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
-    params["prepare"]["sources"] = [{"path": "chats.jsonl", "format": "jsonl", "domain": "customer_service"}]
-    summary = prepare.run(params)
+    params.prepare.sources = [{"path": "chats.jsonl", "format": "jsonl", "domain": "customer_service"}]
+    summary = run_stage("prepare", params)
     train = pd.read_parquet(root / "data/prepared/train.parquet")
     evaluation = pd.read_parquet(root / "data/prepared/eval.parquet")
     assert summary["scenarios"] == len(train) + len(evaluation) >= 200
     assert summary["imported"] == 3 and summary["pii_masked_email"] == 3
     assert summary["near_duplicates_dropped"] > 0 and summary["multi_issue"] > 0
-    assert S.leaked_families(train, evaluation) == []
-    assert set(evaluation["domain"]) == set(S.DOMAINS)
+    assert scenarios.leaked_families(train, evaluation) == []
+    assert set(evaluation["domain"]) == set(scenarios.DOMAINS)
     assert json.loads((root / "data/prepared/validation.json").read_text())["success"]
     report = json.loads((root / "data/prepared/report.json").read_text())
     assert len(report["dropped"]) == summary["near_duplicates_dropped"]

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
-import yaml
+from conftest import write_params
 from mlflow.pyfunc import PythonModel
 
-from tasks import registry
+import mlflow
+from mlflow_io import registry
+from mlflow_io.tracking import setup
 
-ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 NAME = "agent-under-test"
 
 
@@ -26,13 +26,9 @@ class Echo(PythonModel):
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A params.yaml and an empty SQLite registry in a temporary directory, used as the cwd."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["register"]["model_name"] = NAME
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = write_params(tmp_path / "params.yaml", {"register.model_name": NAME})
     monkeypatch.chdir(tmp_path)
-    from tasks.common import setup_mlflow
-
-    setup_mlflow(params)
+    setup(params)
     yield tmp_path, mlflow.MlflowClient()
     mlflow.set_tracking_uri(None)
 
@@ -42,14 +38,26 @@ def register(client, score: float, ci_low: float | None = None, flagged: bool = 
     register stage would from eval.json: the paired difference to the current champion is the score
     difference, with a CI whose lower end is half of it unless given."""
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="m", python_model=Echo(), registered_model_name=NAME, pip_requirements=["mlflow"])
+        info = mlflow.pyfunc.log_model(
+            name="m", python_model=Echo(), registered_model_name=NAME, pip_requirements=["mlflow"]
+        )
     version = str(info.registered_model_version)
-    tags = {"eval.reward_mean": score, "eval.vs_base.mean": 0.2, "eval.vs_base.ci_low": 0.1, "eval.flagged": str(flagged).lower()}
+    tags = {
+        "eval.reward_mean": score,
+        "eval.vs_base.mean": 0.2,
+        "eval.vs_base.ci_low": 0.1,
+        "eval.flagged": str(flagged).lower(),
+    }
     current = registry.by_alias(client, NAME, "champion")
     if current is not None and paired:
         diff = score - float(current.tags["eval.reward_mean"])
-        tags.update({"eval.vs_champion.version": current.version, "eval.vs_champion.mean": diff,
-                     "eval.vs_champion.ci_low": diff / 2 if ci_low is None else ci_low})
+        tags.update(
+            {
+                "eval.vs_champion.version": current.version,
+                "eval.vs_champion.mean": diff,
+                "eval.vs_champion.ci_low": diff / 2 if ci_low is None else ci_low,
+            }
+        )
     for k, v in tags.items():
         client.set_model_version_tag(NAME, version, k, str(v))
     client.set_registered_model_alias(NAME, "challenger", version)
@@ -105,9 +113,10 @@ def test_gate_needs_a_ci_above_zero_an_unflagged_run_and_a_paired_evaluation(pro
 
 def test_cli_refuses_a_worse_challenger_with_exit_1_and_rolls_back(project):
     cwd, client = project
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "tasks.registry", *a], cwd=cwd, env=env,
-                                    capture_output=True, text=True)
+
+    def run(*args):
+        return subprocess.run([str(BIN / "grpo-agents"), *args], cwd=cwd, capture_output=True, text=True)
+
     assert run("rollback").returncode == 1  # no champion yet: a clear error, no traceback
     v1 = register(client, 0.5)
     assert run("promote").returncode == 0 and champion(client) == v1

@@ -3,11 +3,18 @@ import json
 import pytest
 import torch
 
-from grpo.rollout import ConversationEnvironment, Trajectory, encode, render, user_prompt, user_turn_text
+from grpo.rollout import ConversationEnvironment, RolloutConfig, Trajectory, encode, render, user_prompt, user_turn_text
 from grpo.scenarios import Scenario
 
 SCEN = [
-    Scenario(id="a", domain="sales", persona="p", goal="g", opening="Which plan should I pick?", followups=["Thanks.", "And yearly?"]),
+    Scenario(
+        id="a",
+        domain="sales",
+        persona="p",
+        goal="g",
+        opening="Which plan should I pick?",
+        followups=["Thanks.", "And yearly?"],
+    ),
     Scenario(id="b", domain="tutoring", persona="p", goal="g", opening="What is 1/3 + 1/4?", followups=[]),
 ]
 
@@ -20,7 +27,7 @@ def test_user_turn_text_follows_the_chat_template(tokenizer):
 
 
 def test_rollout_masks_exactly_the_sampled_tokens(tokenizer, tiny_model):
-    env = ConversationEnvironment(tokenizer, max_turns=3, max_new_tokens=6)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=3, max_new_tokens=6))
     torch.manual_seed(0)
     trajs = env.rollout(tiny_model, SCEN, group_size=2)
     assert [t.scenario_id for t in trajs] == ["a", "a", "b", "b"] and [t.group for t in trajs] == [0, 0, 1, 1]
@@ -48,8 +55,8 @@ def test_rollout_masks_exactly_the_sampled_tokens(tokenizer, tiny_model):
         # user follow-ups are context (mask 0) and appear verbatim
         for f in scen.followups[: t.turns - 1]:
             ids = encode(tokenizer, f)
-            pos = [i for i in range(len(t.input_ids)) if t.input_ids[i:i + len(ids)] == ids]
-            assert pos and not any(t.assistant_mask[pos[0]:pos[0] + len(ids)])
+            pos = [i for i in range(len(t.input_ids)) if t.input_ids[i : i + len(ids)] == ids]
+            assert pos and not any(t.assistant_mask[pos[0] : pos[0] + len(ids)])
 
 
 def test_all_zero_mask_is_an_error():
@@ -57,15 +64,24 @@ def test_all_zero_mask_is_an_error():
         Trajectory("x", 0, [], [1, 2], [0, 0]).check()
 
 
-ORDER = Scenario(id="o", domain="customer_service", persona="p", goal="g", opening="Where is order 48213?",
-                 followups=["Thanks. Can I get a refund?"], tools=["check_order_status", "process_refund"],
-                 backend={"orders": {"48213": {"status": "lost in transit", "items": ["lamp"], "total": 20.0, "refundable": True}}})
+ORDER = Scenario(
+    id="o",
+    domain="customer_service",
+    persona="p",
+    goal="g",
+    opening="Where is order 48213?",
+    followups=["Thanks. Can I get a refund?"],
+    tools=["check_order_status", "process_refund"],
+    backend={"orders": {"48213": {"status": "lost in transit", "items": ["lamp"], "total": 20.0, "refundable": True}}},
+)
 
 
 # A Hermes-style template with tool support: the tools' schemas go into the system turn.
-TOOL_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
-                 "{% if loop.first and tools %}{{ '\\n<tools>' + (tools | tojson) + '</tools>' }}{% endif %}"
-                 "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TOOL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% if loop.first and tools %}{{ '\\n<tools>' + (tools | tojson) + '</tools>' }}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def scripted(env, replies):
@@ -92,13 +108,23 @@ def masked_runs(t, tokenizer):
 
 
 def test_tool_calls_run_against_the_episode_backend_and_are_context(tokenizer, tiny_model):
-    env = ConversationEnvironment(tokenizer, max_turns=4, max_new_tokens=64)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=4, max_new_tokens=64))
     call = '<tool_call>{"name": "check_order_status", "arguments": {"order_id": "48213"}}</tool_call>'
     refund = '<tool_call>{"name": "process_refund", "arguments": {"order_id": "48213"}}</tool_call>'
     bad = '<tool_call>{"name": "process_refund", "arguments": </tool_call>'
     scripted(env, [[call, bad], ["It was lost, sorry.", "Sorry, let me look."], [refund, "Done."], ["Refund issued."]])
     a, b = env.rollout(tiny_model, [ORDER], group_size=2)
-    assert [m["role"] for m in a.messages] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant", "tool", "assistant"]
+    assert [m["role"] for m in a.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
     assert json.loads(a.messages[3]["content"])["status"] == "lost in transit"
     assert json.loads(a.messages[7]["content"])["refunded"] == 20.0
     assert ORDER.backend["orders"]["48213"].get("refunded") is None  # the scenario's own data is untouched
@@ -114,42 +140,59 @@ def test_a_chat_template_with_tool_support_declares_the_tools(tokenizer, tiny_mo
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = TOOL_TEMPLATE
-    env = ConversationEnvironment(tok, max_turns=2, max_new_tokens=64)
+    env = ConversationEnvironment(tok, RolloutConfig(max_turns=2, max_new_tokens=64))
     assert env.template_tools and not ConversationEnvironment(tokenizer).template_tools  # SmolLM2's has none
     scripted(env, [['{"name": "check_order_status", "arguments": {"order_id": "48213"}}'], ["It was lost, sorry."]])
     [t] = env.rollout(tiny_model, [ORDER], group_size=1)
-    prompt = tok.decode(t.input_ids[:t.assistant_mask.index(1)])
+    prompt = tok.decode(t.input_ids[: t.assistant_mask.index(1)])
     assert '<tools>[{"type": "function", "function": {"name": "check_order_status"' in prompt
     assert "You can use these tools" not in prompt and "<tools>" not in t.messages[0]["content"]
-    assert (t.tool_calls, t.tool_errors) == (1, 0) and json.loads(t.messages[3]["content"])["status"] == "lost in transit"
+    assert (t.tool_calls, t.tool_errors) == (1, 0) and json.loads(t.messages[3]["content"])[
+        "status"
+    ] == "lost in transit"
 
 
 def test_token_ids_are_the_chat_template_rendering_with_tool_messages(tokenizer, tiny_model):
     """With SmolLM2's real template: the trajectory's ids equal the template's rendering of its
     messages (so context is exactly what the model would see), and only agent tokens are masked."""
-    env = ConversationEnvironment(tokenizer, max_turns=3, max_new_tokens=64)
-    scripted(env, [['<tool_call>{"name": "check_order_status", "arguments": {"order_id": "1"}}</tool_call>'],
-                   ["No such order, sorry."], ["Anything else?"]])
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=3, max_new_tokens=64))
+    scripted(
+        env,
+        [
+            ['<tool_call>{"name": "check_order_status", "arguments": {"order_id": "1"}}</tool_call>'],
+            ["No such order, sorry."],
+            ["Anything else?"],
+        ],
+    )
     [t] = env.rollout(tiny_model, [ORDER], group_size=1)
     assert [m["role"] for m in t.messages][2:] == ["assistant", "tool", "assistant", "user", "assistant"]
     assert t.input_ids + encode(tokenizer, "\n") == encode(tokenizer, render(tokenizer, t.messages, False))
     eos = tokenizer.eos_token_id
     masked = [i for i, m in zip(t.input_ids, t.assistant_mask) if m]
     assert tokenizer.decode([i for i in masked if i != eos]) == "".join(
-        m["content"] for m in t.messages if m["role"] == "assistant")
+        m["content"] for m in t.messages if m["role"] == "assistant"
+    )
     assert masked.count(eos) == 3  # each agent turn's own end-of-turn token is sampled, so it is trained
 
 
 def test_llm_user_plays_the_persona_and_can_end_the_episode(tokenizer, tiny_model):
-    env = ConversationEnvironment(tokenizer, max_turns=3, max_new_tokens=16, user="llm")
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=3, max_new_tokens=16, user="llm"))
     # batched calls: agent turn 1 (both), the user (both), agent turn 2 (a), the user (a), agent turn 3 (a)
-    scripted(env, [["Let me check.", "Hello."], ["It is late, I need it by Friday.", "DONE, thanks"], ["I will rush it."],
-                   ["Great."], ["Good."]])
+    scripted(
+        env,
+        [
+            ["Let me check.", "Hello."],
+            ["It is late, I need it by Friday.", "DONE, thanks"],
+            ["I will rush it."],
+            ["Great."],
+            ["Good."],
+        ],
+    )
     a, b = env.rollout(tiny_model, [ORDER], group_size=2)
     assert [m["role"] for m in b.messages] == ["system", "user", "assistant"] and b.turns == 1
     assert a.messages[3] == {"role": "user", "content": "It is late, I need it by Friday."} and a.turns == 3
     view = user_prompt(ORDER, a.messages)
     assert "Your goal: g" in view[0]["content"] and "You are: p" in view[0]["content"]
     assert [m["role"] for m in view[1:]] == ["assistant", "user", "assistant", "user", "assistant", "user"]
-    with pytest.raises(ValueError, match="rollout.user"):
-        ConversationEnvironment(tokenizer, user="human")
+    with pytest.raises(ValueError, match="'scripted' or 'llm'"):
+        ConversationEnvironment(tokenizer, RolloutConfig(user="human"))

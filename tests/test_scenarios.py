@@ -3,14 +3,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo import expand as X
-from grpo import scenarios as S
+from grpo import expand, scenarios
 from grpo.validation import ValidationFailed, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "data/expectations/scenarios.json"
-BASE = {"id": "a", "domain": "sales", "persona": "A buyer.", "goal": "Buy a plan.", "opening": "Which plan?",
-        "expected_behaviours": ["recommend a plan"]}
+BASE = {
+    "id": "a",
+    "domain": "sales",
+    "persona": "A buyer.",
+    "goal": "Buy a plan.",
+    "opening": "Which plan?",
+    "expected_behaviours": ["recommend a plan"],
+}
 
 
 def write(tmp_path, content) -> Path:
@@ -20,16 +25,16 @@ def write(tmp_path, content) -> Path:
 
 
 def test_seed_files_cover_every_domain_and_pass_validation():
-    scen = S.load_dir(ROOT / "data/scenarios")
-    counts = {d: sum(s.domain == d for s in scen) for d in S.DOMAINS}
+    scen = scenarios.load_dir(ROOT / "data/scenarios")
+    counts = {d: sum(s.domain == d for s in scen) for d in scenarios.DOMAINS}
     assert all(n >= 10 for n in counts.values()), counts
     assert sum(bool(s.tools) for s in scen) >= 10
-    report = validate(S.to_frame(scen), SUITE)
+    report = validate(scenarios.to_frame(scen), SUITE)
     assert report["success"] and report["evaluated"] >= 15
 
 
 def test_validation_names_ids_files_and_expectations():
-    df = S.to_frame(S.load_dir(ROOT / "data/scenarios"))
+    df = scenarios.to_frame(scenarios.load_dir(ROOT / "data/scenarios"))
     df.loc[1, "id"] = df.loc[0, "id"]
     df.loc[2, "domain"] = "cooking"
     df.at[3, "followups"] = ["  "]
@@ -48,39 +53,48 @@ def test_validation_names_ids_files_and_expectations():
     assert "customer_service.yaml" in str(e.value)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "file is empty"),
-    ("schema_version: 2\nscenarios:\n- id: a\n  domain: [unclosed", "invalid YAML"),
-    ("- id: a\n", "schema version 1"),
-    ({"schema_version": 3, "scenarios": []}, "schema_version 3 is not supported"),
-    ({"schema_version": 2, "scenarios": [{"id": "a", "domain": "sales"}]}, "missing field 'persona'"),
-    ({"schema_version": 2, "scenarios": [{**BASE, "followups": "nope"}]}, "field 'followups': Input should be a valid list"),
-    ({"schema_version": 2, "scenarios": [{**BASE, "opening": 42}]}, "field 'opening': Input should be a valid string (got int)"),
-    ({"schema_version": 2, "scenarios": [{**BASE, "colour": "red"}]}, "unknown field 'colour'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "file is empty"),
+        ("schema_version: 2\nscenarios:\n- id: a\n  domain: [unclosed", "invalid YAML"),
+        ("- id: a\n", "schema version 1"),
+        ({"schema_version": 3, "scenarios": []}, "schema_version 3 is not supported"),
+        ({"schema_version": 2, "scenarios": [{"id": "a", "domain": "sales"}]}, "missing field 'persona'"),
+        (
+            {"schema_version": 2, "scenarios": [{**BASE, "followups": "nope"}]},
+            "field 'followups': Input should be a valid list",
+        ),
+        (
+            {"schema_version": 2, "scenarios": [{**BASE, "opening": 42}]},
+            "field 'opening': Input should be a valid string (got int)",
+        ),
+        ({"schema_version": 2, "scenarios": [{**BASE, "colour": "red"}]}, "unknown field 'colour'"),
+    ],
+)
 def test_bad_files_get_clear_errors(tmp_path, content, message):
     f = write(tmp_path, content)
-    with pytest.raises(S.ScenarioError) as e:
-        S.load_dir(tmp_path)
+    with pytest.raises(scenarios.ScenarioError) as e:
+        scenarios.load_dir(tmp_path)
     assert str(f) in str(e.value) and message in str(e.value)
 
 
 def test_invalid_utf8_and_empty_directory(tmp_path):
-    with pytest.raises(S.ScenarioError, match="no \\*.yaml"):
-        S.load_dir(tmp_path)
+    with pytest.raises(scenarios.ScenarioError, match="no \\*.yaml"):
+        scenarios.load_dir(tmp_path)
     (tmp_path / "x.yaml").write_bytes(b"schema_version: 2\nscenarios:\n- id: \xff\xfe\n")
-    with pytest.raises(S.ScenarioError, match="not valid UTF-8"):
-        S.load_dir(tmp_path)
+    with pytest.raises(scenarios.ScenarioError, match="not valid UTF-8"):
+        scenarios.load_dir(tmp_path)
 
 
 def test_frame_roundtrip_keeps_lists_and_backend():
-    scen = S.load_dir(ROOT / "data/scenarios")
-    assert S.from_frame(S.to_frame(scen)) == scen
+    scen = scenarios.load_dir(ROOT / "data/scenarios")
+    assert scenarios.from_frame(scenarios.to_frame(scen)) == scen
 
 
 def shipped(seed=7):
-    seeds = S.load_dir(ROOT / "data/scenarios")
-    return seeds, X.expand(seeds, seed, tones=5, order_states=2, products=3)
+    seeds = scenarios.load_dir(ROOT / "data/scenarios")
+    return seeds, expand.expand(seeds, seed, tones=5, order_states=2, products=3)
 
 
 def test_expansion_is_deterministic_and_keeps_families():
@@ -100,43 +114,43 @@ def test_expansion_is_deterministic_and_keeps_families():
 
 def test_split_stratified_deterministic_and_no_family_on_both_sides():
     _, scen = shipped()
-    df = S.to_frame(scen)
-    train, ev = S.split(df, 0.25, seed=7)
-    train2, ev2 = S.split(df.sample(frac=1, random_state=1), 0.25, seed=7)
+    df = scenarios.to_frame(scen)
+    train, ev = scenarios.split(df, 0.25, seed=7)
+    train2, ev2 = scenarios.split(df.sample(frac=1, random_state=1), 0.25, seed=7)
     assert sorted(ev["id"]) == sorted(ev2["id"])
-    assert len(train) + len(ev) == len(df) and S.leaked_families(train, ev) == []
-    assert set(ev["domain"]) == set(S.DOMAINS) and set(ev["difficulty"]) == set(S.DIFFICULTIES)
-    assert sorted(S.split(df, 0.25, seed=8)[1]["id"]) != sorted(ev["id"])
+    assert len(train) + len(ev) == len(df) and scenarios.leaked_families(train, ev) == []
+    assert set(ev["domain"]) == set(scenarios.DOMAINS) and set(ev["difficulty"]) == set(scenarios.DIFFICULTIES)
+    assert sorted(scenarios.split(df, 0.25, seed=8)[1]["id"]) != sorted(ev["id"])
 
 
 def test_leak_check_catches_a_family_on_both_sides_including_multi_issue():
     _, scen = shipped()
-    train, ev = S.split(S.to_frame(scen), 0.25, seed=7)
+    train, ev = scenarios.split(scenarios.to_frame(scen), 0.25, seed=7)
     moved = train.iloc[:1].assign(id="moved-copy")
-    assert S.leaked_families(train, moved) == [moved.iloc[0]["family"]]
-    pair = X.multi_issue(S.from_frame(train), 7, 1)[0]
+    assert scenarios.leaked_families(train, moved) == [moved.iloc[0]["family"]]
+    pair = expand.multi_issue(scenarios.from_frame(train), 7, 1)[0]
     assert pair.family.split("+")[0] in set(train["family"])
-    assert S.leaked_families(train, S.to_frame([pair])) == sorted(pair.family.split("+"))
+    assert scenarios.leaked_families(train, scenarios.to_frame([pair])) == sorted(pair.family.split("+"))
 
 
 def test_near_duplicates_are_dropped_and_different_backends_kept():
     import numpy as np
 
-    seeds = S.load_dir(ROOT / "data/scenarios")[:3]
+    seeds = scenarios.load_dir(ROOT / "data/scenarios")[:3]
     copy = seeds[0].model_copy(update={"id": "copy", "opening": seeds[0].opening + "!"})
-    other_state = X.order_state_variant(seeds[0], "shipped")
-    vocab = sorted({w for s in [*seeds, copy] for w in X.dialogue_text(s).lower().split()})
+    other_state = expand.order_state_variant(seeds[0], "shipped")
+    vocab = sorted({w for s in [*seeds, copy] for w in expand.dialogue_text(s).lower().split()})
 
     def bag_of_words(texts):
         return np.array([[t.lower().split().count(w) for w in vocab] for t in texts], dtype=float)
 
-    kept, dropped = X.near_duplicates([*seeds, copy, other_state], bag_of_words, 0.95)
+    kept, dropped = expand.near_duplicates([*seeds, copy, other_state], bag_of_words, 0.95)
     assert [s.id for s in kept] == [*(s.id for s in seeds), other_state.id]
     assert dropped[0]["dropped"] == "copy" and dropped[0]["kept"] == seeds[0].id
 
 
 def test_subsample_is_fixed_and_domain_balanced():
     _, scen = shipped()
-    a, b = S.subsample(scen, 20, 7), S.subsample(list(reversed(scen)), 20, 7)
+    a, b = scenarios.subsample(scen, 20, 7), scenarios.subsample(list(reversed(scen)), 20, 7)
     assert [s.id for s in a] == [s.id for s in b] and len(a) == 20
-    assert {d: sum(s.domain == d for s in a) for d in S.DOMAINS} == {d: 5 for d in S.DOMAINS}
+    assert {d: sum(s.domain == d for s in a) for d in scenarios.DOMAINS} == {d: 5 for d in scenarios.DOMAINS}

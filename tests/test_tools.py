@@ -2,22 +2,30 @@ import json
 
 import numpy as np
 
-from grpo import rewards as R
+from grpo import rewards
 from grpo.scenarios import Scenario
 from grpo.tools import TOOLS, call_tool, instructions, parse_call, unresolved
 
-BACKEND = {"orders": {"7": {"status": "shipped", "items": ["kettle"], "total": 30.0, "refundable": False}},
-           "knowledge_base": [{"title": "Printer offline", "text": "Restart the spooler."},
-                              {"title": "VPN", "text": "Check UDP ports."}]}
+BACKEND = {
+    "orders": {"7": {"status": "shipped", "items": ["kettle"], "total": 30.0, "refundable": False}},
+    "knowledge_base": [
+        {"title": "Printer offline", "text": "Restart the spooler."},
+        {"title": "VPN", "text": "Check UDP ports."},
+    ],
+}
 
 
 def test_parse_call_finds_the_call_or_says_what_is_malformed():
     assert parse_call("Sure.") is None
-    assert parse_call('Let me look. <tool_call>{"name": "check_order_status", "arguments": {"order_id": "7"}}</tool_call>') \
-        == ("check_order_status", {"order_id": "7"})
+    assert parse_call(
+        'Let me look. <tool_call>{"name": "check_order_status", "arguments": {"order_id": "7"}}</tool_call>'
+    ) == ("check_order_status", {"order_id": "7"})
     assert parse_call('<tool_call>{"name": "x"')[0] == ""  # cut off: malformed, not ignored
     # Llama 3.1's format: the whole reply is the call
-    assert parse_call(' {"name": "lookup_account", "parameters": {"account_id": "a1"}}') == ("lookup_account", {"account_id": "a1"})
+    assert parse_call(' {"name": "lookup_account", "parameters": {"account_id": "a1"}}') == (
+        "lookup_account",
+        {"account_id": "a1"},
+    )
     assert parse_call('{"price": 10}') is None and parse_call("{not json") is None
     assert 'needs a "name"' in parse_call('<tool_call>{"arguments": {}}</tool_call>')[1]
 
@@ -51,13 +59,19 @@ def test_tool_use_reward_and_agent_turns_without_call_markup():
     scen = Scenario(id="s", domain="customer_service", persona="p", goal="g", opening="o", tools=["check_order_status"])
     plain = scen.model_copy(update={"tools": []})
     call = {"role": "assistant", "content": '<tool_call>{"name": "check_order_status"}</tool_call>'}
-    good = [{"role": "user", "content": "o"}, call, {"role": "tool", "content": '{"status": "shipped"}'},
-            {"role": "assistant", "content": "It shipped."}]
+    good = [
+        {"role": "user", "content": "o"},
+        call,
+        {"role": "tool", "content": '{"status": "shipped"}'},
+        {"role": "assistant", "content": "It shipped."},
+    ]
     bad = good[:2] + [{"role": "tool", "content": '{"error": "no order"}'}] + good[3:]
     none = [{"role": "user", "content": "o"}, {"role": "assistant", "content": "It shipped."}]
-    assert R.ToolUse()([good, bad, none], scen).tolist() == [1.0, 0.0, 0.0]
+    assert rewards.ToolUse()([good, bad, none], scen).tolist() == [1.0, 0.0, 0.0]
     bare = [{"role": "assistant", "content": '{"name": "check_order_status", "arguments": {}}'}] + good[2:]
-    assert R.agent_turns(good) == R.agent_turns(bare) == ["It shipped."]  # calls are not replies to the user
-    assert R.ToolUse()([good, none], plain).tolist() == [0.0, 1.0]
-    assert R.agent_turns(good) == ["It shipped."]
-    assert np.allclose(R.LengthBand(1, 5)([good], scen), R.LengthBand(1, 5)([none], scen))
+    assert (
+        rewards.agent_turns(good) == rewards.agent_turns(bare) == ["It shipped."]
+    )  # calls are not replies to the user
+    assert rewards.ToolUse()([good, none], plain).tolist() == [0.0, 1.0]
+    assert rewards.agent_turns(good) == ["It shipped."]
+    assert np.allclose(rewards.LengthBand(1, 5)([good], scen), rewards.LengthBand(1, 5)([none], scen))

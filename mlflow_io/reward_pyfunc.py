@@ -3,13 +3,15 @@
 Input: a DataFrame with a ``messages`` column; each cell is a whole conversation, a list of chat
 messages (``{"role": ..., "content": ...}``). Output: one reward-model score per row (the scale of
 the labels it was trained on; higher is better).
-Served with ``mlflow models serve -m models:/<reward name>@champion --env-manager local``.
+Served with ``mlflow models serve -m models:/<reward name>@challenger --env-manager local`` (every
+registered reward model gets the alias ``challenger``; promotion gates the agent only).
 """
 
 from __future__ import annotations
 
-import mlflow
 from mlflow.pyfunc import PythonModel
+
+import mlflow
 
 
 class RewardModelPyfunc(PythonModel):
@@ -21,14 +23,9 @@ class RewardModelPyfunc(PythonModel):
         self.rm = RewardModel.load(context.artifacts["reward_model"], str(pick_device(device)))
 
     def predict(self, context, model_input, params=None):
-        rows = model_input["messages"].tolist() if hasattr(model_input, "columns") else list(model_input)
-        convs = []
-        for i, messages in enumerate(rows):
-            messages = [dict(m) for m in messages]
-            if not messages or any("role" not in m or "content" not in m for m in messages):
-                raise ValueError(f"row {i}: messages must be a non-empty list of {{role, content}}")
-            convs.append(messages)
-        return [float(x) for x in self.rm.predict(convs)]
+        from grpo.rollout import conversations_from
+
+        return [float(x) for x in self.rm.predict(conversations_from(model_input))]
 
 
 mlflow.models.set_model(RewardModelPyfunc())

@@ -1,0 +1,170 @@
+"""params.yaml as one typed, validated model: the only place that knows the file's layout.
+
+Each section is a pydantic model that rejects unknown keys. The sections the library uses are the
+library's own configs (``grpo.rollout.RolloutConfig``, ``grpo.trainer.GRPOConfig``, ...), so a
+stage hands them to ``grpo/`` as they are; the sections only the pipeline reads are defined here.
+A stage names the sections it reads as the parameters of its ``run`` function (tasks/), which is
+what it is given, and what tests/test_flow_order.py checks against each stage's ``params`` in
+dvc.yaml.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from grpo.calibration import CalibrationConfig
+from grpo.config import Config
+from grpo.evaluation import EvaluateConfig
+from grpo.judge import JudgeConfig
+from grpo.reward_model import FitConfig
+from grpo.rewards import RewardConfig
+from grpo.rollout import RolloutConfig
+from grpo.serving import Limits
+from grpo.trainer import GRPOConfig
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Paths(Config):
+    """Every file and directory the stages read and write (templated into dvc.yaml)."""
+
+    scenarios: str
+    imports: str
+    expectations: str
+    base_model: str
+    prepared: str
+    labels: str
+    reward_model: str
+    calibration: str
+    policy: str
+    checkpoints: str
+    judge_cache: str
+    metrics: str
+    plots: str
+    mlflow_db: str
+    mlflow_artifacts: str
+
+
+class MlflowParams(Config):
+    experiment: str
+
+
+class BaseModelParams(Config):
+    source: str = Field(description="a local directory, a .gguf path, pkg:<package>/<file.gguf>, or a Hugging Face id")
+
+
+class ExpandParams(Config):
+    tones: int = Field(ge=0, le=6)
+    order_states: int = Field(ge=0)
+    products: int = Field(ge=0)
+    multi_issue_per_domain: int = Field(ge=0)
+
+
+class PrepareParams(Config):
+    eval_fraction: float = Field(gt=0, lt=1)
+    expand: ExpandParams
+    dedup_threshold: float = Field(gt=0, le=1)
+    mask_pii: bool = True
+    sources: list[dict[str, Any]] = Field([], description="imports; see README 'Bring your own conversations'")
+
+
+class LabelParams(Config):
+    max_scenarios: int | None = Field(ge=1, description="training scenarios labelled; null: all")
+    group_size: int = Field(ge=2)
+    chunk_scenarios: int = Field(ge=1)
+
+
+class JudgeParams(JudgeConfig):
+    """The judge (``grpo.judge.JudgeConfig``) and how label uses it."""
+
+    enabled: bool = True
+    max_groups: int = Field(ge=0, description="scenario groups sent to the judge; the rest are heuristic")
+    max_fallback_rate: float = Field(1.0, ge=0, le=1)
+
+
+class TrainRewardParams(FitConfig):
+    """The reward model's shape and fitting (``grpo.reward_model.FitConfig``), and the stage's gate."""
+
+    hidden: int = Field(ge=1)
+    max_tokens: int = Field(ge=8, description="encoder token budget per conversation")
+    val_fraction: float = Field(gt=0, lt=1)
+    min_spearman: float = Field(ge=-1, le=1, description="the stage fails below this held-out Spearman")
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(**self.model_dump(include=set(FitConfig.model_fields)))
+
+
+class RegisterParams(Config):
+    model_name: str
+    reward_model_name: str
+    metric: str
+    min_improvement: float
+    require_ci: bool = True
+
+
+class ServeParams(Config):
+    alias: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    api_key_env: str
+    poll_seconds: float = Field(gt=0)
+    limits: Limits
+
+
+# pydantic warns that the field `register` shadows ABCMeta.register, a method of the class, not of
+# its instances: harmless, and params.yaml's key stays as users know it.
+warnings.filterwarnings("ignore", 'Field name "register" in "Params" shadows', UserWarning)
+
+
+class Params(Config):
+    """The whole of params.yaml."""
+
+    seed: int
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    paths: Paths
+    mlflow: MlflowParams
+    base_model: BaseModelParams
+    encoder: str
+    prepare: PrepareParams
+    rollout: RolloutConfig
+    reward: RewardConfig
+    label: LabelParams
+    judge: JudgeParams
+    train_reward: TrainRewardParams
+    calibrate: CalibrationConfig
+    train_policy: GRPOConfig
+    evaluate: EvaluateConfig
+    register: RegisterParams
+    serve: ServeParams
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("train_policy"), dict) and "seed" in data["train_policy"]:
+            raise ValueError("train_policy.seed: the seed is the top-level `seed`, shared by every stage")
+        return data
+
+    def sections(self, names) -> dict[str, Any]:
+        """The named top-level sections, as a stage's ``run`` takes them."""
+        return {n: getattr(self, n) for n in names}
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; a problem raises ``ValueError`` naming the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; run from the repository root") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"{path}: {problems}") from None

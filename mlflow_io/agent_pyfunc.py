@@ -1,0 +1,38 @@
+"""The registered agent as an MLflow pyfunc ("models from code").
+
+Input: a DataFrame with a ``messages`` column; each cell is a list of chat messages
+(``{"role": ..., "content": ...}``). Output: one assistant reply per row.
+Served with ``mlflow models serve -m models:/<name>@champion --env-manager local``.
+"""
+
+from __future__ import annotations
+
+from mlflow.pyfunc import PythonModel
+
+import mlflow
+
+
+class AgentModel(PythonModel):
+    def load_context(self, context):
+        from grpo.models import load_policy
+        from grpo.rollout import ConversationEnvironment, RolloutConfig
+
+        config = context.model_config or {}
+        self.model, self.tokenizer = load_policy(context.artifacts["policy"], config.get("device", "auto"))
+        rollout = RolloutConfig(
+            max_turns=1,
+            max_new_tokens=int(config.get("max_new_tokens", 128)),
+            temperature=float(config.get("temperature", 0.7)),
+            top_p=float(config.get("top_p", 0.9)),
+        )
+        self.env = ConversationEnvironment(self.tokenizer, rollout)
+
+    def predict(self, context, model_input, params=None):
+        from grpo.rollout import conversations_from, decode_reply, encode, render
+
+        conversations = conversations_from(model_input, roles=("system", "user", "assistant"))
+        prompts = [encode(self.tokenizer, render(self.tokenizer, messages, True)) for messages in conversations]
+        return [decode_reply(self.tokenizer, out) for out in self.env.generate(self.model, prompts)]
+
+
+mlflow.models.set_model(AgentModel())

@@ -1,0 +1,231 @@
+"""The model registry: logging the agent and the reward model, the promotion gate, promote and
+rollback, and loading a version by alias for the server.
+
+Aliases, not stages: ``champion`` moves only through :func:`promote`, which tags the old champion
+``previous_champion`` and records on the new one which version it replaced, so :func:`rollback`
+can restore it. Every decision is written as tags on the version: the metric compared, the margin,
+the decision, the reason and who decided. The register stage, the ``grpo-agents promote`` and
+``rollback`` commands and the Prefect flows in ``flows/registry.py`` call the same functions.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+import mlflow
+from grpo_agents.params import RegisterParams
+from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "pandas", "mlflow")
+EXAMPLE = [{"role": "user", "content": "Where is my order?"}]
+HERE = Path(__file__).parent
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def by_alias(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def version_or_challenger(client: MlflowClient, name: str, version: str | None) -> str:
+    if version is not None:
+        return str(version)
+    challenger = by_alias(client, name, "challenger")
+    if challenger is None:
+        raise RegistryError(f"{name} has no challenger; pass a version")
+    return str(challenger.version)
+
+
+def download_policy(name: str, version: str, dest: str | None = None) -> str:
+    """Local directory of a registered agent version's policy (merged weights + tokenizer)."""
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dest)
+    return os.path.join(local, "artifacts", "policy")
+
+
+def tag(version, key: str) -> float:
+    if f"eval.{key}" not in version.tags:
+        raise RegistryError(f"version {version.version} has no tag 'eval.{key}'; was it registered by the pipeline?")
+    return float(version.tags[f"eval.{key}"])
+
+
+def gate(
+    client: MlflowClient, name: str, version: str, metric: str, margin: float, require_ci: bool = True
+) -> tuple[bool, str]:
+    """Whether ``version`` may become champion, and why.
+
+    Refused when its evaluation was flagged (reward hacking guard). With no champion, it must beat
+    the base policy (with ``require_ci``: the CI of the difference above zero). With a champion,
+    it must beat it on ``metric`` by more than ``margin``, using the paired evaluation against that
+    champion when there is one (``eval.vs_champion.*`` tags: same scenarios, same seeds), with
+    ``require_ci`` its CI above zero; without that evaluation, the stored metrics are compared, and
+    ``require_ci`` refuses, since there is no CI to check."""
+    candidate = client.get_model_version(name, version)
+    if candidate.tags.get("eval.flagged") == "true":
+        return False, f"evaluation flagged: {candidate.tags.get('eval.flags', '')}"
+    champion = by_alias(client, name, "champion")
+    if champion is None:
+        diff, low = tag(candidate, "vs_base.mean"), tag(candidate, "vs_base.ci_low")
+        ok = diff > margin and (low > 0 or not require_ci)
+        return ok, f"no champion yet; against the base: {metric} diff {diff:+.4f}, CI low {low:+.4f}"
+    if str(champion.version) == str(version):
+        return False, f"version {version} is already the champion"
+    if candidate.tags.get("eval.vs_champion.version") == str(champion.version):
+        diff, low = tag(candidate, "vs_champion.mean"), tag(candidate, "vs_champion.ci_low")
+        ok = diff > margin and (low > 0 or not require_ci)
+        return ok, (
+            f"paired against champion v{champion.version}: {metric} diff {diff:+.4f} (margin {margin}), "
+            f"CI low {low:+.4f}{' (must be > 0)' if require_ci else ''}: {'passes' if ok else 'refused'}"
+        )
+    score, best = tag(candidate, metric), tag(champion, metric)
+    ok = score > best + margin and not require_ci
+    return ok, (
+        f"{metric} {score:.4f} vs champion v{champion.version} {best:.4f} from separate evaluations"
+        + (
+            "; no paired evaluation against this champion, so no CI: rerun evaluate"
+            if require_ci
+            else f": {'beats' if ok else 'does not beat'} it by more than {margin}"
+        )
+    )
+
+
+def record(client: MlflowClient, name: str, version: str, decision: str, reason: str, by: str) -> None:
+    tags = {
+        "promotion.decision": decision,
+        "promotion.reason": reason,
+        "promotion.by": by,
+        "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+
+
+def promote(
+    client: MlflowClient, name: str, version: str, metric: str, margin: float, by: str, require_ci: bool = True
+) -> dict:
+    ok, reason = gate(client, name, version, metric, margin, require_ci)
+    if not ok:
+        record(client, name, version, "refused", reason, by)
+        return {"promoted": False, "version": str(version), "reason": reason}
+    old = by_alias(client, name, "champion")
+    if old is not None:
+        client.set_model_version_tag(name, str(old.version), "previous_champion", "true")
+        client.set_model_version_tag(name, str(version), "promotion.replaced", str(old.version))
+    client.set_registered_model_alias(name, "champion", str(version))
+    record(client, name, version, "promoted", reason, by)
+    return {"promoted": True, "version": str(version), "replaced": str(old.version) if old else None, "reason": reason}
+
+
+def rollback(client: MlflowClient, name: str, by: str) -> dict:
+    current = by_alias(client, name, "champion")
+    if current is None:
+        raise RegistryError(f"{name} has no champion to roll back")
+    previous = current.tags.get("promotion.replaced")
+    if not previous:
+        raise RegistryError(f"{name} champion v{current.version} replaced no earlier champion; nothing to roll back to")
+    client.set_registered_model_alias(name, "champion", previous)
+    client.set_model_version_tag(name, str(current.version), "rolled_back", "true")
+    record(client, name, previous, "restored by rollback", f"rolled back from v{current.version}", by)
+    return {"champion": previous, "rolled_back": str(current.version)}
+
+
+def promote_version(client: MlflowClient, register: RegisterParams, version: str | None, by: str) -> dict:
+    """Promote ``version`` (default: the challenger) of ``register.model_name`` if it passes the gate."""
+    version = version_or_challenger(client, register.model_name, version)
+    return promote(
+        client, register.model_name, version, register.metric, register.min_improvement, by, register.require_ci
+    )
+
+
+def log_pyfunc(
+    name: str,
+    registered_name: str,
+    python_model: str,
+    artifacts: dict,
+    model_config: dict,
+    example: list[dict],
+    requirements: tuple[str, ...],
+) -> str:
+    """Log a models-from-code pyfunc with the ``grpo`` library as its code, register it under
+    ``registered_name`` with the alias ``challenger``, and return its version."""
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(HERE / python_model),
+        artifacts=artifacts,
+        code_paths=["grpo"],
+        model_config=model_config,
+        input_example=pd.DataFrame({"messages": [example]}),
+        pip_requirements=[f"{r}=={md.version(r)}" for r in requirements],
+        registered_model_name=registered_name,
+    )
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(registered_name, "challenger", version)
+    return version
+
+
+def log_agent(name: str, policy_dir: str, device: str) -> str:
+    """Register the policy as the agent pyfunc (agent_pyfunc.py); returns its version."""
+    config = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "device": device}
+    return log_pyfunc("agent", name, "agent_pyfunc.py", {"policy": policy_dir}, config, EXAMPLE, REQUIREMENTS)
+
+
+def log_reward_model(name: str, model_dir: str, device: str) -> str:
+    """Register the reward model as its own pyfunc (reward_pyfunc.py); returns its version."""
+    example = [*EXAMPLE, {"role": "assistant", "content": "Let me check."}]
+    return log_pyfunc(
+        "reward_model",
+        name,
+        "reward_pyfunc.py",
+        {"reward_model": model_dir},
+        {"device": device},
+        example,
+        (*REQUIREMENTS, "sentence-transformers"),
+    )
+
+
+def set_tags(client: MlflowClient, name: str, version: str, tags: dict) -> None:
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+
+
+def alias_loader(client: MlflowClient, name: str, alias: str, device: str):
+    """``(load, current_version, state)`` for the server (grpo/serving.py): ``load()`` resolves the
+    alias now and loads that version's policy; ``current_version()`` asks the registry again."""
+    state = {"version": None}
+
+    def current_version() -> str:
+        return str(client.get_model_version_by_alias(name, alias).version)
+
+    def load():
+        from grpo.models import load_policy
+
+        version = current_version()
+        model, tokenizer = load_policy(download_policy(name, version), device)
+        state["version"] = version
+        log.info("loaded %s version %s (alias %s)", name, version, alias)
+        return model, tokenizer, f"{name}@{alias}:v{version}"
+
+    return load, current_version, state
+
+
+def watch_alias(server, current_version, state: dict, every: float) -> None:
+    """Reload ``server`` whenever the alias points at another version than the one loaded."""
+    while True:
+        time.sleep(every)
+        try:
+            if current_version() != state["version"]:
+                server.reload()
+        except Exception:  # a registry hiccup must not kill the watcher; logged, retried next tick
+            log.exception("alias check failed")
