@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from grpo import checkpoint
@@ -55,6 +55,19 @@ class GRPOConfig(Config):
     turn_credit: bool = Field(False, description="each agent turn's tokens get their own discounted return")
     turn_gamma: float = Field(0.9, ge=0, le=1, description="discount of later turns' contributions (turn_credit)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _compatible(self) -> GRPOConfig:
+        if self.turn_credit and self.importance_sampling_level == "sequence":
+            raise ValueError(
+                "turn_credit gives each turn its own advantage; it cannot be combined with "
+                "importance_sampling_level: sequence (GSPO), which shares one ratio per sequence"
+            )
+        if self.backend == "trl" and (self.turn_credit or self.leave_one_out):
+            raise ValueError(
+                "backend trl: turn_credit and leave_one_out are native-only; set them to false or use backend: native"
+            )
+        return self
 
 
 def lora_config(cfg: GRPOConfig) -> LoraConfig:
@@ -325,11 +338,6 @@ def train(
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, a checkpoint is written every N steps and
     a rerun of the same configuration resumes from it; it is removed when training completes."""
-    if cfg.turn_credit and cfg.importance_sampling_level == "sequence":
-        raise ValueError(
-            "turn_credit gives each turn its own advantage; it cannot be combined with "
-            "importance_sampling_level: sequence (GSPO), which shares one ratio per sequence"
-        )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg)

@@ -79,11 +79,7 @@ def train_trl(
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    if cfg.turn_credit or cfg.leave_one_out:
-        raise ValueError(
-            "train_policy.backend trl: turn_credit and leave_one_out are native-only; "
-            "set them to false or use backend: native"
-        )
+    GRPOConfig.model_validate({**cfg.model_dump(), "backend": "trl"})  # refuses the native-only options
     # rollout_func sees only the prompts, so each prompt must name one scenario
     by_prompt: dict[str, Scenario] = {}
     for s in scenarios:

