@@ -3,10 +3,10 @@ in mlflow_io/registry.py, which the `grpo-agents promote` and `rollback` command
 
 from __future__ import annotations
 
+from mlflow import MlflowClient
 from prefect import flow
 
 from grpo_agents.params import load_params
-from mlflow import MlflowClient
 from mlflow_io import registry
 from mlflow_io.tracking import setup
 

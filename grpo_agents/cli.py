@@ -5,6 +5,7 @@
     grpo-agents promote [--version N]  move `champion` to a version that passes the promotion gate
     grpo-agents rollback               restore the champion that the current one replaced
     grpo-agents serve [--alias A]      serve models:/<register.model_name>@<alias> over an OpenAI API
+    grpo-agents chat [--alias A]       talk to that model in the terminal, turn by turn
 
 Every command reads params.yaml in the current directory (the repository root).
 """
@@ -29,9 +30,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def promote_or_rollback(args: argparse.Namespace) -> None:
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mlflow import MlflowClient
     from mlflow_io.registry import RegistryError, promote_version, rollback
     from mlflow_io.tracking import setup
 
@@ -55,9 +56,9 @@ def serve(args: argparse.Namespace) -> None:
     """Serve /v1/chat/completions (streaming included), /v1/models, /health and /metrics, and reload
     the model when the alias moves, without dropping requests in flight."""
     import uvicorn
+    from mlflow import MlflowClient
 
     from grpo.serving import create_app
-    from mlflow import MlflowClient
     from mlflow_io.registry import alias_loader, watch_alias
     from mlflow_io.tracking import setup
 
@@ -73,6 +74,34 @@ def serve(args: argparse.Namespace) -> None:
         target=watch_alias, args=(app.state.server, current_version, state, config.poll_seconds), daemon=True
     ).start()
     uvicorn.run(app, host=args.host or config.host, port=args.port or config.port, log_level=logging.INFO)
+
+
+def chat(args: argparse.Namespace) -> None:
+    """Talk to a registered agent in the terminal: each line you type is a user turn, the agent
+    answers with the whole conversation so far. The model is the registered pyfunc itself, as
+    `mlflow models serve` would run it. An empty line or Ctrl-D ends the chat."""
+    import mlflow
+    import pandas as pd
+
+    from mlflow_io.tracking import setup
+
+    params = load_params()
+    setup(params)
+    uri = f"models:/{args.model_name or params.register.model_name}@{args.alias or params.serve.alias}"
+    agent = mlflow.pyfunc.load_model(uri)
+    print(f"chatting with {uri}; an empty line or Ctrl-D ends", flush=True)
+    messages = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = agent.predict(pd.DataFrame({"messages": [messages]}))[0]
+        messages.append({"role": "assistant", "content": reply})
+        print(f"agent> {reply}", flush=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -102,6 +131,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="default: serve.host")
     p.add_argument("--port", type=int, help="default: serve.port")
     p.set_defaults(func=serve)
+    p = sub.add_parser("chat", help="talk to a registered agent in the terminal", description=chat.__doc__)
+    p.add_argument("--model-name", help="registered model (default: register.model_name)")
+    p.add_argument("--alias", help="registry alias to talk to (default: serve.alias)")
+    p.set_defaults(func=chat)
     return ap
 
 

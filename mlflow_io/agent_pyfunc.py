@@ -7,9 +7,8 @@ Served with ``mlflow models serve -m models:/<name>@champion --env-manager local
 
 from __future__ import annotations
 
-from mlflow.pyfunc import PythonModel
-
 import mlflow
+from mlflow.pyfunc import PythonModel
 
 
 class AgentModel(PythonModel):

@@ -16,12 +16,12 @@ import os
 import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from grpo_agents.params import RegisterParams
-from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "pandas", "mlflow")

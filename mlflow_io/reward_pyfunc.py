@@ -9,9 +9,8 @@ registered reward model gets the alias ``challenger``; promotion gates the agent
 
 from __future__ import annotations
 
-from mlflow.pyfunc import PythonModel
-
 import mlflow
+from mlflow.pyfunc import PythonModel
 
 
 class RewardModelPyfunc(PythonModel):

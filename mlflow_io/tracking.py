@@ -9,10 +9,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 import mlflow
-from grpo_agents.params import Params
 from mlflow import (  # noqa: F401  (re-exported for the stages)
     log_artifact,
     log_dict,
@@ -21,6 +18,9 @@ from mlflow import (  # noqa: F401  (re-exported for the stages)
     log_text,
     set_tag,
 )
+from pydantic import BaseModel
+
+from grpo_agents.params import Params
 
 PARENT_RUN_ENV = "GRPO_PARENT_RUN_ID"  # set by the Prefect flow so stage runs nest under it
 

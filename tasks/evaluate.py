@@ -19,6 +19,7 @@ import tempfile
 
 import pandas as pd
 import torch
+from mlflow import MlflowClient
 
 from grpo import scenarios
 from grpo.evaluation import (
@@ -37,7 +38,6 @@ from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig, rollout_in_chunks
 from grpo_agents.params import BaseModelParams, JudgeParams, Paths, RegisterParams
-from mlflow import MlflowClient
 from mlflow_io.registry import by_alias, download_policy
 from mlflow_io.tracking import log_metrics, log_table, log_text
 

@@ -15,10 +15,10 @@ import subprocess
 from pathlib import Path
 
 import yaml
+from mlflow import MlflowClient
 
 from grpo.io import read_json, write_json
 from grpo_agents.params import PARAMS_FILE, Paths, RegisterParams
-from mlflow import MlflowClient
 from mlflow_io.registry import log_agent, log_reward_model, promote, set_tags
 from mlflow_io.tracking import active_run_id, log_artifact, log_dict
 

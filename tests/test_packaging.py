@@ -21,7 +21,7 @@ def test_constraints_pin_no_local_versions():
 
 def test_every_command_has_help():
     commands = parser()._subparsers._group_actions[0].choices  # argparse keeps the subparsers here
-    assert set(commands) == {"run", "stage", "promote", "rollback", "serve"}
+    assert set(commands) == {"run", "stage", "promote", "rollback", "serve", "chat"}
     for argv in [[], *([c] for c in commands)]:
         res = subprocess.run([str(BIN / "grpo-agents"), *argv, "--help"], capture_output=True, text=True, cwd="/")
         assert res.returncode == 0 and res.stdout.startswith("usage: grpo-agents"), (argv, res.stderr)

@@ -225,6 +225,21 @@ def test_dvc_repro_from_scratch(tmp_path, tiny_model_dir):
     assert dvc_status(project, env) == {}
 
 
+def test_chat_with_the_champion_in_the_terminal(flow_project):
+    project, env, _ = flow_project
+    res = subprocess.run(
+        [str(BIN / "grpo-agents"), "chat"],
+        cwd=project,
+        env=env,
+        input="Hello\nMy order is late.\n\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "chatting with models:/grpo-agent@champion" in res.stdout and res.stdout.count("agent> ") == 2
+
+
 def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project):
     """`grpo-agents serve` on the registry the pipeline filled: the SDK gets replies, and moving
     the alias to another version reloads the model."""

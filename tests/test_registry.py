@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from conftest import write_params
 from mlflow.pyfunc import PythonModel
 
-import mlflow
 from mlflow_io import registry
 from mlflow_io.tracking import setup
 
