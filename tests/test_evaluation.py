@@ -72,18 +72,24 @@ def tables(trained_shift: float, n: int = 8) -> dict:
     return {"base": table(0.0, 10.0), "trained": table(trained_shift, 12.0)}
 
 
-def test_compare_reports_means_cis_domains_and_flags():
-    from grpo.evaluation import EvaluateConfig, compare
+def evaluate_config(ci_level: float):
+    from grpo.evaluation import EvaluateConfig
 
-    config = EvaluateConfig(
+    return EvaluateConfig(
         max_scenarios=None,
         judge_scenarios=2,
         min_judged=2,
         max_length_ratio=1.5,
         samples_per_scenario=1,
         bootstrap=200,
-        ci_level=0.9,
+        ci_level=ci_level,
     )
+
+
+def test_compare_reports_means_cis_domains_and_flags():
+    from grpo.evaluation import compare
+
+    config = evaluate_config(ci_level=0.9)
     judge = {"vs_base": {"wins": 0, "losses": 2, "ties": 0, "unjudged": 0, "win_rate": 0.0}}
     result = compare(tables(0.2), judge, 0.01, config, seed=0)
     assert result["trained"]["reward_mean"] - result["base"]["reward_mean"] == pytest.approx(0.2)
@@ -97,18 +103,10 @@ def test_compare_reports_means_cis_domains_and_flags():
 
 
 def test_report_and_pairs_to_judge():
-    from grpo.evaluation import EvaluateConfig, ci_line, compare, pairs_to_judge, report_markdown
+    from grpo.evaluation import ci_line, compare, pairs_to_judge, report_markdown
     from grpo.scenarios import Scenario
 
-    config = EvaluateConfig(
-        max_scenarios=None,
-        judge_scenarios=2,
-        min_judged=2,
-        max_length_ratio=1.5,
-        samples_per_scenario=1,
-        bootstrap=200,
-        ci_level=0.95,
-    )
+    config = evaluate_config(ci_level=0.95)
     t = tables(0.2)
     result = compare(t, {"vs_base": win_rate([])}, 0.0123, config, seed=0)
     line = ci_line(result, "base")
