@@ -73,7 +73,7 @@ def grpo_pipeline(force: bool = False) -> dict:
 def summary_text(params: Params) -> str:
     metrics, db = params.paths.metrics, params.paths.mlflow_db
     ev, reg = read_json(f"{metrics}/eval.json"), read_json(f"{metrics}/register.json")
-    name, alias = reg["model_name"], "champion" if reg["promoted"] else "challenger"
+    name, alias = reg["model_name"], "champion" if "champion" in reg["aliases"] else "challenger"
     champion = (
         f", champion v{ev['champion_version']} {ev['champion']['reward_mean']:.3f}"
         if ev.get("champion_version")

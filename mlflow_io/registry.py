@@ -40,6 +40,12 @@ def by_alias(client: MlflowClient, name: str, alias: str):
         return None
 
 
+def find_version(client: MlflowClient, name: str, key: str, value: str):
+    """The newest version of ``name`` whose tag ``key`` is ``value``, or None."""
+    found = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(key) == value]
+    return max(found, key=lambda v: int(v.version), default=None)
+
+
 def version_or_challenger(client: MlflowClient, name: str, version: str | None) -> str:
     if version is not None:
         return str(version)
@@ -115,6 +121,9 @@ def record(client: MlflowClient, name: str, version: str, decision: str, reason:
 def promote(
     client: MlflowClient, name: str, version: str, metric: str, margin: float, by: str, require_ci: bool = True
 ) -> dict:
+    champion = by_alias(client, name, "champion")
+    if champion is not None and str(champion.version) == str(version):  # nothing to decide, nothing recorded
+        return {"promoted": False, "version": str(version), "reason": f"version {version} is already the champion"}
     ok, reason = gate(client, name, version, metric, margin, require_ci)
     if not ok:
         record(client, name, version, "refused", reason, by)

@@ -6,11 +6,16 @@ mlflow_io/registry.py: its evaluation is not flagged, and it beats the champion 
 is none) by more than `register.min_improvement`, with the paired CI above zero when
 `register.require_ci`. The decision and the lineage (git commit, DVC output hashes, params file)
 are written as tags on the version. Writes `paths.metrics`/register.json.
+
+A rerun with the same inputs (policy and reward model files, eval.json and reward.json, `register`
+params, device) adds no version: the one tagged with the same `inputs_sha256` is reused and meets
+the gate again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 from pathlib import Path
 
@@ -19,8 +24,10 @@ from mlflow import MlflowClient
 
 from grpo.io import read_json, write_json
 from grpo_agents.params import PARAMS_FILE, Paths, RegisterParams
-from mlflow_io.registry import log_agent, log_reward_model, promote, set_tags
+from mlflow_io.registry import find_version, log_agent, log_reward_model, promote, set_tags
 from mlflow_io.tracking import active_run_id, log_artifact, log_dict
+
+log = logging.getLogger(__name__)
 
 
 def git_commit() -> str:
@@ -56,41 +63,59 @@ def evaluation_tags(evaluation: dict, metric: str) -> dict:
     }
 
 
+def inputs_digest(register: RegisterParams, device: str, paths: Paths) -> str:
+    """sha256 of everything a registered version is made of."""
+    digest = hashlib.sha256(register.model_dump_json().encode() + device.encode())
+    for root in (Path(paths.policy), Path(paths.reward_model)):
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(str(f.relative_to(root)).encode())
+            digest.update(f.read_bytes())
+    for metrics in ("eval.json", "reward.json"):
+        digest.update(Path(paths.metrics, metrics).read_bytes())
+    return digest.hexdigest()
+
+
+def register_new(register: RegisterParams, device: str, paths: Paths, evaluation: dict, digest: str) -> tuple[str, str]:
+    """Log the agent and the reward model as new versions with their lineage; returns both versions."""
+    client, name = MlflowClient(), register.model_name
+    version = log_agent(name, paths.policy, device)
+    reward_version = log_reward_model(register.reward_model_name, paths.reward_model, device)
+    heldout = read_json(f"{paths.metrics}/reward.json")
+    set_tags(client, register.reward_model_name, reward_version, {f"heldout.{k}": v for k, v in heldout.items()})
+    log_artifact(str(PARAMS_FILE))
+    lineage = {
+        "git_commit": git_commit(),
+        "params_sha256": hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest(),
+        "inputs_sha256": digest,
+        "mlflow_run_id": active_run_id(),
+        "reward_model": f"{register.reward_model_name}/{reward_version}",
+        **dvc_hashes(),
+    }
+    set_tags(client, name, version, {**evaluation_tags(evaluation, register.metric), **lineage})
+    return version, reward_version
+
+
 def run(register: RegisterParams, device: str, paths: Paths) -> dict:
     name, metric = register.model_name, register.metric
     evaluation = read_json(f"{paths.metrics}/eval.json")
-    version = log_agent(name, paths.policy, device)
-    reward_version = log_reward_model(register.reward_model_name, paths.reward_model, device)
     client = MlflowClient()
-    set_tags(
-        client,
-        register.reward_model_name,
-        reward_version,
-        {f"heldout.{k}": v for k, v in read_json(f"{paths.metrics}/reward.json").items()},
-    )
-    log_artifact(str(PARAMS_FILE))
-    set_tags(
-        client,
-        name,
-        version,
-        {
-            **evaluation_tags(evaluation, metric),
-            "git_commit": git_commit(),
-            "params_sha256": hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest(),
-            "mlflow_run_id": active_run_id(),
-            "reward_model": f"{register.reward_model_name}/{reward_version}",
-            **dvc_hashes(),
-        },
-    )
+    digest = inputs_digest(register, device, paths)
+    existing = find_version(client, name, "inputs_sha256", digest)
+    if existing is None:
+        version, reward_version = register_new(register, device, paths, evaluation, digest)
+    else:
+        log.info("%s version %s was registered from the same inputs: no new version", name, existing.version)
+        version, reward_version = str(existing.version), existing.tags["reward_model"].rsplit("/", 1)[1]
     decision = promote(
         client, name, version, metric, register.min_improvement, "register stage (automatic gate)", register.require_ci
     )
     result = {
         "model_name": name,
         "version": int(version),
+        "new_version": existing is None,
         "promoted": decision["promoted"],
         "reason": decision["reason"],
-        "aliases": ["challenger"] + (["champion"] if decision["promoted"] else []),
+        "aliases": sorted(client.get_model_version(name, version).aliases),
         metric: float(evaluation["trained"][metric]),
         "reward_model_name": register.reward_model_name,
         "reward_model_version": int(reward_version),

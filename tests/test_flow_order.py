@@ -125,3 +125,13 @@ def test_the_library_imports_no_orchestration():
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             bad = [n for n in names if n.split(".")[0] in banned]
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_every_output_persists():
+    """Without `persist: true`, `dvc repro` deletes an output before its stage runs, and a failed
+    stage would lose it (tests/test_pipeline_e2e.py shows the failure case)."""
+    for name, stage in DVC_STAGES.items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path, options = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+                assert options.get("persist") is True, f"dvc.yaml stage {name}: {path} does not persist"

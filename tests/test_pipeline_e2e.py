@@ -240,6 +240,20 @@ def test_chat_with_the_champion_in_the_terminal(flow_project):
     assert "chatting with models:/grpo-agent@champion" in res.stdout and res.stdout.count("agent> ") == 2
 
 
+def test_a_failed_dvc_repro_keeps_the_previous_outputs(tmp_path, tiny_model_dir):
+    """DVC deletes a stage's outputs before running it unless they persist; ours do, so a stage that
+    fails on bad input leaves the previous version in place, and dvc.lock still describes it."""
+    project, env = make_project(tmp_path, tiny_model_dir)
+    sh([str(BIN / "dvc"), "repro", "prepare"], project, env)
+    before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
+    (project / "data/scenarios/bad.yaml").write_text("schema_version: 2\nscenarios:\n- id: x\n")
+    res = subprocess.run([str(BIN / "dvc"), "repro", "prepare"], cwd=project, env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "bad.yaml: entry 0 (id 'x'): missing field" in res.stdout + res.stderr
+    assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} == before
+    (project / "data/scenarios/bad.yaml").unlink()
+    assert "prepare" not in dvc_status(project, env)  # dvc.lock still describes the outputs kept
+
+
 def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project):
     """`grpo-agents serve` on the registry the pipeline filled: the SDK gets replies, and moving
     the alias to another version reloads the model."""
@@ -288,3 +302,19 @@ def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_register_with_unchanged_inputs_adds_no_version(flow_project):
+    """`dvc repro -f -s register` with nothing changed reuses the version registered from the same
+    inputs, and leaves the champion's promotion record as it was."""
+    project, env, _ = flow_project
+    client = mlflow_client(project)
+    before = sorted(int(v.version) for v in client.search_model_versions("name='grpo-agent'"))
+    last = json.loads((project / "metrics/register.json").read_text())
+    sh([str(BIN / "dvc"), "repro", "-f", "-s", "register"], project, env)
+    reg = json.loads((project / "metrics/register.json").read_text())
+    assert reg["version"] == last["version"] and reg["new_version"] is False
+    assert sorted(int(v.version) for v in client.search_model_versions("name='grpo-agent'")) == before
+    assert len(client.search_model_versions("name='grpo-reward'")) == len(before)
+    champion = client.get_model_version_by_alias("grpo-agent", "champion")
+    assert champion.tags["promotion.decision"] == "promoted"

@@ -73,6 +73,9 @@ def test_worse_challenger_is_refused_and_rollback_restores_the_previous_champion
     v1 = register(client, 0.50)
     assert registry.promote(client, NAME, v1, "reward_mean", 0.0, "test")["promoted"]
     assert champion(client) == v1
+    again = registry.promote(client, NAME, v1, "reward_mean", 0.0, "again")  # nothing to decide: nothing recorded
+    assert not again["promoted"] and "already the champion" in again["reason"]
+    assert client.get_model_version(NAME, v1).tags["promotion.by"] == "test"
 
     v2 = register(client, 0.30)  # worse than the champion
     res = registry.promote(client, NAME, v2, "reward_mean", 0.0, "test")
