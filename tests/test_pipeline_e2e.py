@@ -37,7 +37,8 @@ def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
         check=True,
     ).stdout.split()
     for f in files:
-        if (ROOT / f).is_file() and f != "dvc.lock":  # the copy starts with no pipeline state
+        # the copy starts with no pipeline state, even where this checkout holds some
+        if (ROOT / f).is_file() and f != "dvc.lock" and not f.startswith(("metrics/", "plots/")):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
     # Tiny random models: the reward model's Spearman and the eval CI are noise here, so their
@@ -318,3 +319,29 @@ def test_register_with_unchanged_inputs_adds_no_version(flow_project):
     assert len(client.search_model_versions("name='grpo-reward'")) == len(before)
     champion = client.get_model_version_by_alias("grpo-agent", "champion")
     assert champion.tags["promotion.decision"] == "promoted"
+
+
+def test_dvc_experiments_keep_their_metrics(flow_project):
+    """A two-point sweep with `dvc exp run -S`: `dvc exp show` has each experiment's params and its
+    metrics (metrics/ is committed with each experiment, so it must not be git-ignored). Last in
+    this module: the workspace keeps the last experiment's params."""
+    project, env, _ = flow_project
+    for lr in (0.01, 0.0001):
+        sh([str(BIN / "dvc"), "exp", "run", "-S", f"train_policy.learning_rate={lr}"], project, env)
+    shown = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], project, env).strip().splitlines()[-1])
+
+    def experiments(node):
+        if isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict) and node["name"] != "workspace":
+                yield node["data"]
+            for value in node.values():
+                yield from experiments(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from experiments(value)
+
+    found = {}
+    for data in experiments(shown):
+        lr = data["params"]["params.yaml"]["data"]["train_policy"]["learning_rate"]
+        found[lr] = data["metrics"]["metrics/eval.json"].get("data", {}).get("trained", {}).get("reward_mean")
+    assert {0.01, 0.0001} <= set(found) and all(found[lr] is not None for lr in (0.01, 0.0001)), found
