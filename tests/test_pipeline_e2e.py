@@ -321,6 +321,23 @@ def test_register_with_unchanged_inputs_adds_no_version(flow_project):
     assert champion.tags["promotion.decision"] == "promoted"
 
 
+def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(flow_project):
+    """The shipped remote (`local`, ../grpo-dvc-remote beside the checkout): commit the run (dvc.lock,
+    metrics, plots), `dvc push`, clone beside it, `dvc pull`: every output is back and up to date."""
+    project, env, _ = flow_project
+    sh(["git", "add", "-A"], project, env)
+    sh(["git", "commit", "-qm", "a run to share"], project, env)
+    sh([str(BIN / "dvc"), "push"], project, env)
+    assert (project.parent / "grpo-dvc-remote").is_dir()
+    clone = project.parent / "pulled"
+    sh(["git", "clone", "-q", str(project), str(clone)], project.parent, env)
+    assert not (clone / "data/models/policy").exists()
+    sh([str(BIN / "dvc"), "pull"], clone, env)
+    for path in ("data/models/policy/model.safetensors", "data/prepared/train.parquet", "data/labels/labels.parquet"):
+        assert (clone / path).read_bytes() == (project / path).read_bytes(), path
+    assert dvc_status(clone, env) == {}
+
+
 def test_dvc_experiments_keep_their_metrics(flow_project):
     """A two-point sweep with `dvc exp run -S`: `dvc exp show` has each experiment's params and its
     metrics (metrics/ is committed with each experiment, so it must not be git-ignored). Last in
