@@ -193,6 +193,9 @@ def test_flow_runs_every_stage_and_registers(flow_project):
         "spearman" in by_stage["train_reward"].data.metrics and "reward_mean" in by_stage["train_policy"].data.metrics
     )
     assert dvc_status(project, env) == {}
+    sh([str(BIN / "dvc"), "plots", "show"], project, env)
+    page = (project / "dvc_plots/index.html").read_text()
+    assert all(column in page for column in ("reward_mean", "reward_trained", "std_after", "pair"))
 
 
 def test_dvc_repro_after_flow_runs_nothing_then_only_what_a_param_touches(flow_project):
