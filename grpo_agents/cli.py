@@ -25,8 +25,9 @@ from grpo_agents.stages import STAGES, run_or_exit, setup_logging
 def run(args: argparse.Namespace) -> None:
     from flows.pipeline import grpo_pipeline, summary_text
 
+    params = load_params()  # a bad params.yaml stops here, before Prefect starts
     grpo_pipeline(force=args.force)
-    print(summary_text(load_params()))
+    print(summary_text(params))
 
 
 def promote_or_rollback(args: argparse.Namespace) -> None:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:  # params.yaml that does not validate, named file and key
+    except (ValueError, FileNotFoundError) as e:  # params.yaml missing or invalid: the file and key named
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -25,3 +25,10 @@ def test_every_command_has_help():
     for argv in [[], *([c] for c in commands)]:
         res = subprocess.run([str(BIN / "grpo-agents"), *argv, "--help"], capture_output=True, text=True, cwd="/")
         assert res.returncode == 0 and res.stdout.startswith("usage: grpo-agents"), (argv, res.stderr)
+
+
+def test_commands_outside_the_repository_say_where_to_run_them():
+    for command in ("run", "promote", "serve"):
+        res = subprocess.run([str(BIN / "grpo-agents"), command], capture_output=True, text=True, cwd="/")
+        assert res.returncode == 1 and "Traceback" not in res.stderr, (command, res.stderr[-2000:])
+        assert "error: params.yaml: not found; run from the repository root" in res.stderr
