@@ -8,8 +8,8 @@ is none) by more than `register.min_improvement`, with the paired CI above zero 
 are written as tags on the version. Writes `paths.metrics`/register.json.
 
 A rerun with the same inputs (policy and reward model files, eval.json and reward.json, `register`
-params, device) adds no version: the one tagged with the same `inputs_sha256` is reused and meets
-the gate again.
+params, device, and the code the pyfuncs package: grpo/ and mlflow_io/) adds no version: the one
+tagged with the same `inputs_sha256` is reused and meets the gate again.
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ def evaluation_tags(evaluation: dict, metric: str) -> dict:
 
 
 def inputs_digest(register: RegisterParams, device: str, paths: Paths) -> str:
-    """sha256 of everything a registered version is made of."""
+    """sha256 of everything a registered version is made of, the code it packages included."""
     digest = hashlib.sha256(register.model_dump_json().encode() + device.encode())
-    for root in (Path(paths.policy), Path(paths.reward_model)):
-        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for root in (Path(paths.policy), Path(paths.reward_model), Path("grpo"), Path("mlflow_io")):
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             digest.update(str(f.relative_to(root)).encode())
             digest.update(f.read_bytes())
     for metrics in ("eval.json", "reward.json"):
