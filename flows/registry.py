@@ -13,11 +13,14 @@ from mlflow_io.tracking import setup
 
 @flow(name="promote-model", log_prints=True)
 def promote_model(version: str | None = None) -> dict:
-    """Move `champion` to ``version`` (default: the challenger) if it passes the promotion gate."""
+    """Move `champion` to ``version`` (default: the challenger) if it passes the promotion gate; a
+    refusal fails the run with the gate's reason (as `grpo-agents promote` exits 1)."""
     params = load_params()
     setup(params)
     result = registry.promote_version(MlflowClient(), params.register, version, "prefect flow promote-model")
     print(result)
+    if not result["promoted"]:
+        raise registry.RegistryError(f"version {result['version']} not promoted: {result['reason']}")
     return result
 
 

@@ -1,13 +1,20 @@
-"""grpo-agents: run the pipeline or one stage, move the registry's champion, serve an agent.
+"""grpo-agents: run the pipeline or one stage, operate it on a Prefect server, move the registry's
+champion, serve an agent.
 
-    grpo-agents run [--force]          the Prefect flow: every stale stage in order, then a summary
+    grpo-agents run [--force] [--profile P] [--set KEY=VALUE ...]
+                                       the Prefect flow: every stale stage in order, then a summary
     grpo-agents stage NAME             one stage, as `dvc repro` runs it (python -m tasks.NAME)
+    grpo-agents server start|status|stop
+                                       a local Prefect server, work pool, deployments and worker
+    grpo-agents deploy                 (re)deploy prefect.yaml to the running server
+    grpo-agents schedule on|off        resume or pause the scheduled `retrain` deployment
     grpo-agents promote [--version N]  move `champion` to a version that passes the promotion gate
     grpo-agents rollback               restore the champion that the current one replaced
     grpo-agents serve [--alias A]      serve models:/<register.model_name>@<alias> over an OpenAI API
     grpo-agents chat [--alias A]       talk to that model in the terminal, turn by turn
 
-Every command reads params.yaml in the current directory (the repository root).
+Every command works on the project that holds the current directory (the nearest directory at or
+above it with a params.yaml), or on --project DIR.
 """
 
 from __future__ import annotations
@@ -17,23 +24,84 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
-from grpo_agents.params import load_params
 from grpo_agents.stages import STAGES, run_or_exit, setup_logging
 
 
-def run(args: argparse.Namespace) -> None:
-    from flows.pipeline import grpo_pipeline, summary_text
+def find_project(start: Path) -> Path:
+    """The nearest directory at or above ``start`` that holds a params.yaml."""
+    for d in (start, *start.parents):
+        if (d / "params.yaml").is_file():
+            return d
+    raise FileNotFoundError(
+        f"{start}: not inside a grpo-agents project (no params.yaml here or above); "
+        "cd into the repository or pass --project DIR"
+    )
 
-    params = load_params()  # a bad params.yaml stops here, before Prefect starts
-    grpo_pipeline(force=args.force)
-    print(summary_text(params))
+
+def run(args: argparse.Namespace) -> None:
+    from flows.pipeline import PipelineBusy, grpo_pipeline, project_lock, summary_text
+    from grpo_agents.params import load_params, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    load_params()  # a bad params.yaml or a busy project stops here, before Prefect starts
+    try:
+        with project_lock():  # released before the flow takes it: this only checks for a clear message
+            pass
+    except PipelineBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    grpo_pipeline(force=args.force, profile=args.profile, overrides=overrides)
+    print(summary_text(load_params()))
+
+
+def server(args: argparse.Namespace) -> None:
+    from grpo_agents import stack
+
+    if args.action == "start":
+        state = stack.start(args.host, args.port)
+        api = state["api_url"]
+        api, ids = state["api_url"], state["deployments"]
+        print(f"Prefect UI:  {state['ui_url']}")
+        print(f"API:         {api}   (export PREFECT_API_URL={api} for the prefect CLI)")
+        print(f"work pool:   {stack.POOL}, one process worker; logs in {stack.HOME}/")
+        for name, deployment_id in ids.items():
+            print(f"deployment:  {name:<15} {deployment_id}")
+        print(
+            f"trigger:     curl -s -X POST {api}/deployments/{ids.get('pipeline')}/create_flow_run "
+            "-H 'Content-Type: application/json' -d '{}'"
+        )
+        print("stop:        grpo-agents server stop")
+    elif args.action == "stop":
+        stopped = stack.stop()["stopped"]
+        print(f"stopped: {', '.join(stopped)}" if stopped else "no stack was running")
+    else:
+        state = stack.status()
+        if not state["running"]:
+            print("not running (start it with `grpo-agents server start`)")
+            raise SystemExit(1)
+        print(f"server: {state['ui_url']} (API {state['api_url']}); worker: {'up' if state['worker'] else 'down'}")
+
+
+def deploy(args: argparse.Namespace) -> None:
+    from grpo_agents import stack
+
+    for name, deployment_id in stack.deploy().items():
+        print(f"deployment:  {name:<15} {deployment_id}")
+
+
+def schedule(args: argparse.Namespace) -> None:
+    from grpo_agents import stack
+
+    print(stack.schedule(args.state == "on").strip())
 
 
 def promote_or_rollback(args: argparse.Namespace) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from grpo_agents.params import load_params
     from mlflow_io.registry import RegistryError, promote_version, rollback
     from mlflow_io.tracking import setup
 
@@ -60,6 +128,7 @@ def serve(args: argparse.Namespace) -> None:
     from mlflow import MlflowClient
 
     from grpo.serving import create_app
+    from grpo_agents.params import load_params
     from mlflow_io.registry import alias_loader, watch_alias
     from mlflow_io.tracking import setup
 
@@ -84,6 +153,7 @@ def chat(args: argparse.Namespace) -> None:
     import mlflow
     import pandas as pd
 
+    from grpo_agents.params import load_params
     from mlflow_io.tracking import setup
 
     params = load_params()
@@ -110,12 +180,36 @@ def parser() -> argparse.ArgumentParser:
         prog="grpo-agents", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ap.add_argument("--project", type=Path, help="the project directory (default: found from the current one)")
     p = sub.add_parser("run", help="run the pipeline as the Prefect flow (stale stages only)")
     p.add_argument("--force", action="store_true", help="run every stage even if DVC says it is up to date")
+    p.add_argument("--profile", help="write this training profile into params.yaml first (see README 'Profiles')")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="write a params.yaml value first, as `dvc exp run -S` does (repeatable), e.g. train_policy.steps=4",
+    )
     p.set_defaults(func=run)
     p = sub.add_parser("stage", help="run one stage with its params, in its own MLflow run")
     p.add_argument("name", choices=STAGES)
     p.set_defaults(func=lambda a: run_or_exit(a.name))
+    p = sub.add_parser(
+        "server",
+        help="start, inspect or stop the local Prefect stack (server, work pool, deployments, worker)",
+        description="start: `prefect server start` (SQLite in .prefect/), the process work pool, every "
+        "deployment in prefect.yaml and a worker, in the background; logs in .prefect/. stop: the worker "
+        "and the server. status: exit 1 when not running.",
+    )
+    p.add_argument("action", choices=["start", "status", "stop"])
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    p.add_argument("--port", type=int, default=4200, help="default: 4200, Prefect's own")
+    p.set_defaults(func=server)
+    p = sub.add_parser("deploy", help="(re)create the work pool and every deployment in prefect.yaml")
+    p.set_defaults(func=deploy)
+    p = sub.add_parser("schedule", help="resume (on) or pause (off) the scheduled retrain deployment")
+    p.add_argument("state", choices=["on", "off"])
+    p.set_defaults(func=schedule)
     p = sub.add_parser("promote", help="move champion to a version that passes the gate; exit 1 if it does not")
     p.add_argument("--version", help="the version to promote (default: the challenger)")
     p.set_defaults(func=promote_or_rollback)
@@ -140,10 +234,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from grpo_agents.stack import StackError
+
     args = parser().parse_args(argv)
     try:
+        os.chdir(find_project((args.project or Path.cwd()).resolve()))
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # params.yaml missing or invalid: the file and key named
+    except (ValueError, FileNotFoundError, StackError) as e:  # params.yaml missing or invalid, a stack step failed
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

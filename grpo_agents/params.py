@@ -11,6 +11,8 @@ dvc.yaml.
 from __future__ import annotations
 
 import difflib
+import io
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -108,6 +110,22 @@ class RegisterParams(Config):
     require_ci: bool = True
 
 
+class Profile(Config):
+    """A train_policy preset: what `profile` fills in where train_policy leaves a value null."""
+
+    learning_rate: float = Field(gt=0)
+    beta: float = Field(ge=0)
+    epsilon: float = Field(gt=0)
+    epsilon_high: float = Field(gt=0)
+    steps: int = Field(ge=1)
+    group_size: int = Field(ge=2)
+
+
+# Sections a stage receives already resolved from others: train_policy's null values come from
+# profiles[profile], so a stage that reads train_policy depends on both (tests/test_flow_order.py).
+RESOLVED_FROM = {"train_policy": ("profile", "profiles")}
+
+
 class ServeParams(Config):
     alias: str
     host: str
@@ -127,6 +145,8 @@ class Params(Config):
 
     seed: int
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    profile: str = "balanced"
+    profiles: dict[str, Profile]
     paths: Paths
     mlflow: MlflowParams
     base_model: BaseModelParams
@@ -148,6 +168,27 @@ class Params(Config):
     def _one_seed(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("train_policy"), dict) and "seed" in data["train_policy"]:
             raise ValueError("train_policy.seed: the seed is the top-level `seed`, shared by every stage")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        """train_policy's null (or absent) preset keys take the selected profile's values."""
+        if not isinstance(data, dict) or not isinstance(data.get("profiles"), dict):
+            return data
+        name, presets = data.get("profile", "balanced"), data["profiles"]
+        if name not in presets:
+            close = difflib.get_close_matches(str(name), list(presets), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the profiles are {', '.join(presets)}"
+            raise ValueError(f"profile: {name!r} is not one of profiles; {hint}")
+        preset = presets[name] if isinstance(presets[name], dict) else {}
+        section = data.get("train_policy") or {}
+        if isinstance(section, dict):
+            resolved = {k: v for k, v in section.items() if v is not None}
+            data = {
+                **data,
+                "train_policy": {**{k: v for k, v in preset.items() if k in Profile.model_fields}, **resolved},
+            }
         return data
 
     @model_validator(mode="after")
@@ -181,6 +222,48 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         return Params.model_validate(data)
     except ValidationError as e:
         raise ValueError(f"{path}: {'; '.join(describe(err) for err in e.errors())}") from None
+
+
+def set_params(overrides: dict[str, Any], path: str | Path = PARAMS_FILE) -> Params:
+    """Write ``overrides`` (dotted keys, as ``dvc exp run -S`` takes them) into params.yaml, keeping
+    its comments and layout, validated first and replaced atomically; returns the typed params.
+
+    What a run ran with is then in params.yaml, where dvc.lock, ``git diff`` and the stages' MLflow
+    runs all see it. ruamel.yaml (which DVC itself uses for ``-S``) keeps the comments."""
+    from ruamel.yaml import YAML
+
+    path, rt = Path(path), YAML()
+    rt.preserve_quotes = True
+    data = rt.load(path.read_text())
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        section = data
+        for i, name in enumerate(parents):
+            if not isinstance(section, dict) or name not in section:
+                raise ValueError(f"{path}: {'.'.join(parents[: i + 1])}: no such section (setting {key})")
+            section = section[name]
+        section[last] = value
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    try:
+        params = Params.model_validate(yaml.safe_load(buf.getvalue()))
+    except ValidationError as e:
+        raise ValueError(f"{path}: {'; '.join(describe(err) for err in e.errors())}") from None
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+    return params
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train_policy.steps=4", ...]`` -> ``{"train_policy.steps": 4}``; values are read as YAML."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train_policy.learning_rate=0.001")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def describe(error: dict) -> str:

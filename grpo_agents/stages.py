@@ -15,8 +15,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from grpo_agents.params import Params, load_params
+if TYPE_CHECKING:  # importing the params model imports the whole library (torch, transformers, trl)
+    from grpo_agents.params import Params
 
 # The order of the DAG in dvc.yaml (tests/test_flow_order.py checks it).
 STAGES = ("base_model", "prepare", "label", "train_reward", "calibrate", "train_policy", "evaluate", "register")
@@ -54,6 +56,8 @@ def setup_logging() -> None:
 
 def run_or_exit(stage: str) -> dict:
     """Run ``stage`` from params.yaml; a stage error is printed and exits 1."""
+    from grpo_agents.params import load_params
+
     setup_logging()
     try:
         summary = run_stage(stage, load_params())

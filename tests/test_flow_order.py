@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from dvc.repo import Repo
 
-from grpo_agents.params import Params
+from grpo_agents.params import RESOLVED_FROM, Params
 from grpo_agents.stages import STAGES, entry, reads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,10 +101,12 @@ def used_keys(stage: str, section: str) -> set[str] | None:
 
 def test_every_stage_lists_the_params_it_reads():
     """A params change must make DVC rerun every stage that reads it. A stage's sections are its
-    entry function's parameters (grpo_agents/stages.py); `paths` is templated into deps and outs."""
+    entry function's parameters (grpo_agents/stages.py); `paths` is templated into deps and outs.
+    A section resolved from others (train_policy from profile and profiles) needs those too."""
     for stage in STAGES:
         listed = set(DVC_STAGES[stage].get("params", []))
-        for section in set(reads(stage)) - {"paths"}:
+        sections = set(reads(stage)) | {s for r in reads(stage) for s in RESOLVED_FROM.get(r, ())}
+        for section in sections - {"paths"}:
             if section in listed:
                 continue
             keys = used_keys(stage, section)
@@ -112,7 +114,7 @@ def test_every_stage_lists_the_params_it_reads():
                 [section] if keys is None else sorted(f"{section}.{k}" for k in keys if f"{section}.{k}" not in listed)
             )
             assert keys is not None and not missing, f"dvc.yaml stage {stage} reads but does not list {missing}"
-        unread = {p for p in listed if p.split(".")[0] not in reads(stage)}
+        unread = {p for p in listed if p.split(".")[0] not in sections}
         assert not unread, f"dvc.yaml stage {stage} lists params it does not read: {sorted(unread)}"
 
 

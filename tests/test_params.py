@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_params
 
-from grpo_agents.params import Params, load_params
+from grpo_agents.params import Params, load_params, parse_overrides, set_params
 
 
 def load_with(tmp_path: Path, overrides: dict) -> Params:
@@ -57,3 +57,37 @@ def test_readme_parameter_table_lists_every_section():
         name for row in table.splitlines()[2:] for name in re.findall(r"`([a-z_]+)(?:\.[a-z_]+)?`", row.split("|")[1])
     }
     assert named == set(Params.model_fields)
+
+
+def test_a_profile_fills_in_what_train_policy_leaves_null_and_explicit_values_win(tmp_path):
+    shipped = load_params(ROOT / "params.yaml")
+    assert shipped.profile == "balanced"
+    for key, value in shipped.profiles["balanced"].model_dump().items():
+        assert getattr(shipped.train_policy, key) == value, key
+    aggressive = write_params(tmp_path / "p.yaml", {"profile": "aggressive"})
+    assert aggressive.train_policy.learning_rate == aggressive.profiles["aggressive"].learning_rate
+    assert aggressive.train_policy.group_size == aggressive.profiles["aggressive"].group_size
+    mixed = write_params(tmp_path / "p.yaml", {"profile": "aggressive", "train_policy.learning_rate": 5e-5})
+    assert mixed.train_policy.learning_rate == 5e-5 and mixed.train_policy.beta == mixed.profiles["aggressive"].beta
+    with pytest.raises(ValueError, match="profile: 'agressive' is not one of profiles; did you mean aggressive"):
+        write_params(tmp_path / "p.yaml", {"profile": "agressive"})
+    with pytest.raises(ValueError, match="profiles.balanced.beta: Input should be greater than or equal to 0"):
+        write_params(tmp_path / "p.yaml", {"profiles.balanced.beta": -1})
+
+
+def test_set_params_keeps_comments_and_leaves_the_file_alone_when_refused(tmp_path):
+    target = tmp_path / "params.yaml"
+    write_params(target, {"train_policy.steps": 3})
+    text = target.read_text()
+    assert "# The one source of configuration." in text and "steps: 3" in text
+    with pytest.raises(ValueError, match="train_policy.steps: Input should be greater than or equal to 1"):
+        set_params({"train_policy.steps": 0}, target)
+    with pytest.raises(ValueError, match="train_polcy: no such section"):
+        set_params({"train_polcy.steps": 2}, target)
+    assert target.read_text() == text and not list(tmp_path.glob(".*.tmp"))
+    assert parse_overrides(["train_policy.steps=4", "judge.base_url=null"]) == {
+        "train_policy.steps": 4,
+        "judge.base_url": None,
+    }
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_overrides(["train_policy.steps"])

@@ -6,92 +6,15 @@ from scratch."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import write_params
+from conftest import BIN, dvc_status, make_project, mlflow_client, sh, write_params
 
 from grpo_agents.stages import STAGES
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
-    return res.stdout + res.stderr
-
-
-def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        # the copy starts with no pipeline state, even where this checkout holds some
-        if (ROOT / f).is_file() and f != "dvc.lock" and not f.startswith(("metrics/", "plots/")):
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    # Tiny random models: the reward model's Spearman and the eval CI are noise here, so their
-    # thresholds are off (tests/test_registry.py and tests/test_reward_model.py cover them).
-    write_params(
-        dest / "params.yaml",
-        {
-            "base_model.source": str(model_dir),
-            "rollout.max_new_tokens": 8,
-            "label.group_size": 2,
-            "label.max_scenarios": 12,
-            "judge.max_groups": 2,
-            "judge.max_tokens": 16,
-            "train_reward.epochs": 30,
-            "train_reward.patience": 30,
-            "train_reward.unfreeze_epochs": 1,
-            "train_reward.min_spearman": -1.0,
-            "train_policy.steps": 2,
-            "train_policy.scenarios_per_step": 2,
-            "train_policy.group_size": 2,
-            "evaluate.samples_per_scenario": 1,
-            "evaluate.bootstrap": 200,
-            "evaluate.max_scenarios": 8,
-            "evaluate.judge_scenarios": 2,
-            "register.require_ci": False,
-            "register.min_improvement": -1.0,
-        },
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_HOME": str(dest / ".prefect"),
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("GRPO_PARENT_RUN_ID", None)
-    sh(["git", "init", "-q"], dest, env)
-    (dest / ".git/info/exclude").write_text(".prefect/\n")
-    sh(["git", "add", "-A"], dest, env)
-    sh(["git", "commit", "-qm", "test copy"], dest, env)
-    return dest, env
-
-
-def dvc_status(project: Path, env: dict) -> dict:
-    return json.loads(sh([str(BIN / "dvc"), "status", "--json"], project, env).strip().splitlines()[-1])
-
-
-def mlflow_client(project: Path):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow/mlflow.db'}")
 
 
 def check_outputs(project: Path) -> dict:
