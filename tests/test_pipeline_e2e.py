@@ -271,6 +271,12 @@ def test_dvc_experiments_keep_their_metrics(flow_project):
     project, env, _ = flow_project
     for lr in (0.01, 0.0001):
         sh([str(BIN / "dvc"), "exp", "run", "-S", f"train_policy.learning_rate={lr}"], project, env)
+    # A profile: the learning rate goes back to null, so the preset's applies.
+    sh(
+        [str(BIN / "dvc"), "exp", "run", "-S", "profile=aggressive", "-S", "train_policy.learning_rate=null"],
+        project,
+        env,
+    )
     shown = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], project, env).strip().splitlines()[-1])
 
     def experiments(node):
@@ -285,6 +291,14 @@ def test_dvc_experiments_keep_their_metrics(flow_project):
 
     found = {}
     for data in experiments(shown):
-        lr = data["params"]["params.yaml"]["data"]["train_policy"]["learning_rate"]
-        found[lr] = data["metrics"]["metrics/eval.json"].get("data", {}).get("trained", {}).get("reward_mean")
-    assert {0.01, 0.0001} <= set(found) and all(found[lr] is not None for lr in (0.01, 0.0001)), found
+        params = data["params"]["params.yaml"]["data"]
+        point = params["train_policy"]["learning_rate"] or params["profile"]
+        found[point] = data["metrics"]["metrics/eval.json"].get("data", {}).get("trained", {}).get("reward_mean")
+    points = (0.01, 0.0001, "aggressive")
+    assert set(points) <= set(found) and all(found[p] is not None for p in points), found
+    # The last train_policy run (the profile's experiment) trained with the preset's values.
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name("grpo-agents")
+    last = client.search_runs([exp.experiment_id], "tags.stage = 'train_policy'", order_by=["start_time DESC"])[0]
+    assert float(last.data.params["train_policy.learning_rate"]) == 0.001
+    assert float(last.data.params["train_policy.beta"]) == 0.0

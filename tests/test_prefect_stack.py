@@ -9,6 +9,7 @@ first one creates."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -17,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from conftest import BIN, dvc_status, make_project, mlflow_client, sh
+from conftest import BIN, ROOT, dvc_status, make_project, mlflow_client, sh
 from filelock import FileLock
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -94,10 +95,26 @@ def test_server_start_prints_the_ui_the_deployments_and_a_working_curl(stack):
     assert "worker: up" in status
 
 
+def readme_http_blocks() -> list[str]:
+    """The bash blocks of the README's "Trigger a run over HTTP", as a user would paste them."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Trigger a run over HTTP") :].split("\n## ")[0]
+    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+
+
+def run_readme_block(block: str, api: str, env: dict, **variables: str) -> str:
+    """Run a README block in bash, as a user would in a shell where the first block already ran
+    (its `export PREFECT_API_URL` set to this server's API)."""
+    block = block.replace("http://127.0.0.1:4200/api", api)  # the address `server start` printed here
+    return sh(["bash", "-euo", "pipefail", "-c", block], ROOT, {**env, "PREFECT_API_URL": api, **variables})
+
+
 def test_runs_triggered_over_rest_complete_one_at_a_time_and_publish_artifacts(stack):
     project, env, api, _ = stack
     pipeline = deployment(api, "pipeline")["id"]
-    first = trigger(api, pipeline)
+    trigger_block, read_block = readme_http_blocks()
+    printed = run_readme_block(trigger_block, api, env)  # the first run: the README's curl calls
+    first = re.search(r"flow run ([0-9a-f-]{36}): http://", printed).group(1)
     wait(api, first, states={"RUNNING"}, timeout=300)
     # A second run, triggered while the first is running, with a params override: it must wait for
     # the first, then change params.yaml, rerun only what the change touches, and register v2.
@@ -120,6 +137,9 @@ def test_runs_triggered_over_rest_complete_one_at_a_time_and_publish_artifacts(s
     assert "grpo-agent version 2" in second_artifacts["registry-decision"]
     latest = httpx.get(f"{api}/artifacts/registry-decision/latest", timeout=30).json()
     assert latest["flow_run_id"] == second  # the stable key's latest version is the last run's
+    printed = run_readme_block(read_block, api, env, RUN=first)  # the README's state and artifact reads
+    assert printed.startswith("COMPLETED Completed\n") and "validation-summary\n" in printed
+    assert "grpo-agent version 2" in printed  # registry-decision/latest
 
     assert "bootstrap: 300" in (project / "params.yaml").read_text()
     assert "# The one source of configuration." in (project / "params.yaml").read_text()  # comments kept
