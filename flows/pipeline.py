@@ -14,6 +14,7 @@ params.yaml, dvc.lock and the registry. The deployments in prefect.yaml also que
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -87,6 +88,8 @@ def grpo_pipeline(force: bool = False, profile: str | None = None, overrides: di
     ``profile`` and ``overrides`` (dotted params.yaml keys, e.g. ``{"train_policy.steps": 4}``) are
     written into params.yaml first, as ``dvc exp run -S`` does, so dvc.lock and every stage's MLflow
     run record what ran."""
+    for name in stages.STAGE_LOGGERS:  # their INFO records too, not only warnings
+        logging.getLogger(name).setLevel(logging.INFO)
     with project_lock():
         return run_pipeline(force, {**({"profile": profile} if profile else {}), **(overrides or {})})
 

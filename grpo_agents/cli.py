@@ -26,7 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
-from grpo_agents.stages import STAGES, run_or_exit, setup_logging
+from grpo_agents.stages import STAGE_LOGGERS, STAGES, run_or_exit, setup_logging
 
 
 def find_project(start: Path) -> Path:
@@ -41,6 +41,7 @@ def find_project(start: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(STAGE_LOGGERS))  # before Prefect is imported
     from flows.pipeline import PipelineBusy, grpo_pipeline, project_lock, summary_text
     from grpo_agents.params import load_params, parse_overrides
 

@@ -122,6 +122,7 @@ def start(host: str, port: int) -> dict:
     state = read_state()
     if state and alive(state["server_pid"]):
         raise StackError(f"the stack is already running: UI {state['ui_url']} (stop it with `grpo-agents server stop`)")
+    stop()  # what a crashed stack left behind: a worker whose server died, a stale stack.json
     with socket.socket() as s:
         if s.connect_ex((host, port)) == 0:
             raise StackError(f"{host}:{port} is in use; pick another port with --port")

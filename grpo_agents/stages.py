@@ -25,6 +25,9 @@ STAGES = ("base_model", "prepare", "label", "train_reward", "calibrate", "train_
 # Errors a stage raises for bad input or a failed check: a message and exit 1, no traceback.
 STAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError)
 log = logging.getLogger("tasks")
+# The loggers the stages write to. The flow sends their records to Prefect (the run's logs in the UI)
+# through PREFECT_LOGGING_EXTRA_LOGGERS, which `grpo-agents run` and prefect.yaml's job env set.
+STAGE_LOGGERS = ("tasks", "grpo", "mlflow_io")
 
 
 def entry(stage: str) -> Callable[..., dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -94,8 +95,25 @@ def test_registered_models_predict_as_pyfuncs(flow_project):
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory, tiny_model_dir):
     project, env = make_project(tmp_path_factory.mktemp("flow"), tiny_model_dir)
+    env = {**env, "JUDGE_API_KEY": JUDGE_SECRET}  # label's judge client sends it; nothing may record it
     out = sh([str(BIN / "grpo-agents"), "run"], project, env)
     return project, env, out
+
+
+JUDGE_SECRET = f"sk-test-{uuid.uuid4().hex}"  # made here, so no source file holds it
+
+
+def test_the_judge_key_reaches_no_file_log_or_output(flow_project):
+    """The key is read from the variable that judge.api_key_env names and sent to the judge; it
+    must not reach the console, the MLflow store, the metrics, the DVC lock or Prefect's database."""
+    project, _, out = flow_project
+    assert JUDGE_SECRET not in out
+    checked = 0
+    for path in project.rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            assert JUDGE_SECRET.encode() not in path.read_bytes(), path
+            checked += 1
+    assert checked > 100 and (project / "mlflow/mlflow.db").exists() and (project / ".prefect").is_dir()
 
 
 def test_flow_runs_every_stage_and_registers(flow_project):

@@ -127,6 +127,7 @@ def test_runs_triggered_over_rest_complete_one_at_a_time_and_publish_artifacts(s
     history = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": second}, timeout=30).json()
     assert "AwaitingConcurrencySlot" in {s["name"] for s in history}  # it waited for the deployment's slot
 
+    assert re.search(r"judge: .* served on http://", logs(api, first))  # grpo.judge, a stage's own logger
     first_artifacts, second_artifacts = artifacts(api, first), artifacts(api, second)
     assert {"validation-summary", "evaluation", "registry-decision"} <= set(first_artifacts)
     assert "Great Expectations:" in first_artifacts["validation-summary"]
