@@ -233,7 +233,8 @@ def set_params(overrides: dict[str, Any], path: str | Path = PARAMS_FILE) -> Par
     from ruamel.yaml import YAML
 
     path, rt = Path(path), YAML()
-    rt.preserve_quotes = True
+    rt.preserve_quotes, rt.width = True, 4096  # no re-wrapping of long lines
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = rt.load(path.read_text())
     for key, value in overrides.items():
         *parents, last = key.split(".")

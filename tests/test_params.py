@@ -79,7 +79,9 @@ def test_set_params_keeps_comments_and_leaves_the_file_alone_when_refused(tmp_pa
     target = tmp_path / "params.yaml"
     write_params(target, {"train_policy.steps": 3})
     text = target.read_text()
-    assert "# The one source of configuration." in text and "steps: 3" in text
+    before, after = (ROOT / "params.yaml").read_text().splitlines(), text.splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and changed == [("  steps: null", "  steps: 3")]  # that line and no other
     with pytest.raises(ValueError, match="train_policy.steps: Input should be greater than or equal to 1"):
         set_params({"train_policy.steps": 0}, target)
     with pytest.raises(ValueError, match="train_polcy: no such section"):
