@@ -52,3 +52,18 @@ def test_make_takes_the_torch_build_from_one_variable():
     assert torch and "--extra-index-url https://download.pytorch.org/whl/cpu" in torch[0]
     cuda = install_commands("TORCH_INDEX=https://download.pytorch.org/whl/cu128")
     assert "--extra-index-url https://download.pytorch.org/whl/cu128" in cuda
+
+
+def test_run_refuses_a_bad_override_before_starting_and_leaves_params_alone(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for argv, message in [
+        (
+            ["--set", "train_policy.lerning_rate=0.1"],
+            "train_policy.lerning_rate: unknown key; did you mean learning_rate?",
+        ),
+        (["--profile", "agressive"], "profile: 'agressive' is not one of profiles; did you mean aggressive?"),
+        (["--set", "train_policy.steps"], "expected KEY=VALUE"),
+    ]:
+        res = subprocess.run([str(BIN / "grpo-agents"), "run", *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, (argv, res.stderr)
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
