@@ -8,8 +8,9 @@ the deployments of prefect.yaml and a worker, started and stopped together.
     grpo-agents schedule on|off                      resume or pause the `retrain` schedule
 
 Everything runs on Prefect's own commands (`prefect server start`, `prefect deploy`, `prefect
-worker start`); this module only starts them in order, waits until each is ready, and keeps their
-process ids and logs in `.prefect/` (the stack's PREFECT_HOME, git-ignored), so `stop` finds them.
+worker start`) and its client, which retries what the server answers with 503 (SQLite busy); this
+module only starts them in order, waits until each is ready, and keeps their process ids and logs
+in `.prefect/` (the stack's PREFECT_HOME, git-ignored), so `stop` finds them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -82,6 +83,16 @@ def prefect(args: list[str], api: str, what: str) -> str:
     return res.stdout
 
 
+@contextmanager
+def client(api: str):
+    """Prefect's own (sync) API client for ``api``."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        yield c
+
+
 def wait_for(check, what: str, timeout: float, log: Path | None = None, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,12 +121,13 @@ def deploy(api: str | None = None) -> dict[str, str]:
     api = api or api_url()
     if not Path("prefect.yaml").exists():
         raise StackError(f"{Path.cwd()}: no prefect.yaml; run from the project root")
-    pools = httpx.post(f"{api}/work_pools/filter", json={}, timeout=30).json()
-    if POOL not in {p["name"] for p in pools}:
+    with client(api) as c:
+        pools = {p.name for p in c.read_work_pools()}
+    if POOL not in pools:
         prefect(["work-pool", "create", POOL, "--type", "process"], api, f"creating work pool {POOL}")
     prefect(["deploy", "--all"], api, "prefect deploy --all")
-    deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
-    return {d["name"]: d["id"] for d in sorted(deployments, key=lambda d: d["name"])}
+    with client(api) as c:
+        return {d.name: str(d.id) for d in sorted(c.read_deployments(), key=lambda d: d.name)}
 
 
 def start(host: str, port: int) -> dict:
@@ -143,8 +155,8 @@ def start(host: str, port: int) -> dict:
         worker = spawn(["worker", "start", "--pool", POOL, "--type", "process"], api, worker_log)
         state["worker_pid"] = worker.pid
         STATE.write_text(json.dumps(state))
-        workers = f"{api}/work_pools/{POOL}/workers/filter"
-        wait_for(lambda: httpx.post(workers, json={}, timeout=5).json(), "prefect worker", 120, worker_log, worker)
+        with client(api) as c:
+            wait_for(lambda: c.read_workers_for_work_pool(POOL), "prefect worker", 120, worker_log, worker)
     except BaseException:
         stop()
         raise
@@ -194,18 +206,19 @@ def status() -> dict:
 
 
 def schedule(on: bool) -> str:
-    """Resume (on) or pause (off) every schedule of the `retrain` deployment, through Prefect's REST
-    API (`prefect deployment schedule resume` wants each schedule's id)."""
-    api = api_url()
-    flow_name, name = RETRAIN.split("/")
-    deployment = httpx.get(f"{api}/deployments/name/{flow_name}/{name}", timeout=30)
-    if deployment.status_code == 404:
-        raise StackError(f"no deployment {RETRAIN} on {api}: run `grpo-agents deploy`")
-    deployment.raise_for_status()
-    lines = []
-    for item in deployment.json()["schedules"]:
-        url = f"{api}/deployments/{item['deployment_id']}/schedules/{item['id']}"
-        httpx.patch(url, json={"active": on}, timeout=30).raise_for_status()
-        when = item["schedule"].get("cron") or item["schedule"]
-        lines.append(f"{RETRAIN} schedule {when} ({item['schedule'].get('timezone', 'UTC')}): {'on' if on else 'off'}")
+    """Resume (on) or pause (off) every schedule of the `retrain` deployment (`prefect deployment
+    schedule resume` wants each schedule's id)."""
+    from prefect.exceptions import ObjectNotFound
+
+    api, lines = api_url(), []
+    with client(api) as c:
+        try:
+            deployment = c.read_deployment_by_name(RETRAIN)
+        except ObjectNotFound:
+            raise StackError(f"no deployment {RETRAIN} on {api}: run `grpo-agents deploy`") from None
+        for item in deployment.schedules:
+            c.update_deployment_schedule(deployment.id, item.id, active=on)
+            when = getattr(item.schedule, "cron", None) or item.schedule
+            zone = getattr(item.schedule, "timezone", None) or "UTC"
+            lines.append(f"{RETRAIN} schedule {when} ({zone}): {'on' if on else 'off'}")
     return "\n".join(lines) or f"{RETRAIN} has no schedules"

@@ -48,24 +48,34 @@ def stack(tmp_path_factory, tiny_model_dir):
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the server still listens after `server stop`"
 
 
-def deployment(api: str, name: str, flow: str = "grpo-pipeline") -> dict:
-    res = httpx.get(f"{api}/deployments/name/{flow}/{name}", timeout=30)
+def call(method: str, url: str, **kwargs) -> httpx.Response:
+    """One REST call. A 503 (the server's SQLite database busy) is retried after a pause, as
+    Prefect's own client and `curl --retry` do; any other error fails the test."""
+    for _ in range(8):
+        res = httpx.request(method, url, timeout=30, **kwargs)
+        if res.status_code != 503:
+            break
+        time.sleep(float(res.headers.get("Retry-After") or 1))
     res.raise_for_status()
-    return res.json()
+    return res
+
+
+def deployment(api: str, name: str, flow: str = "grpo-pipeline") -> dict:
+    return call("GET", f"{api}/deployments/name/{flow}/{name}").json()
 
 
 def trigger(api: str, deployment_id: str, parameters: dict | None = None) -> str:
     """What the README's curl does: POST /api/deployments/{id}/create_flow_run."""
-    res = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters or {}})
-    res.raise_for_status()
-    return res.json()["id"]
+    return call(
+        "POST", f"{api}/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters or {}}
+    ).json()["id"]
 
 
 def wait(api: str, run_id: str, timeout: float = 900, states: set[str] = TERMINAL) -> dict:
     """Poll the run until its state type is one of ``states`` (or it has finished)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
+        run = call("GET", f"{api}/flow_runs/{run_id}").json()
         if run["state"]["type"] in states | TERMINAL:
             return run
         time.sleep(2)
@@ -73,13 +83,13 @@ def wait(api: str, run_id: str, timeout: float = 900, states: set[str] = TERMINA
 
 
 def logs(api: str, run_id: str) -> str:
-    rows = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}, timeout=30).json()
+    rows = call("POST", f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}).json()
     return "\n".join(r["message"] for r in rows)
 
 
 def artifacts(api: str, run_id: str) -> dict[str, str]:
     body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
-    return {a["key"]: a["data"] for a in httpx.post(f"{api}/artifacts/filter", json=body, timeout=30).json()}
+    return {a["key"]: a["data"] for a in call("POST", f"{api}/artifacts/filter", json=body).json()}
 
 
 def test_server_start_prints_the_ui_the_deployments_and_a_working_curl(stack):
@@ -90,7 +100,7 @@ def test_server_start_prints_the_ui_the_deployments_and_a_working_curl(stack):
     pipeline = deployment(api, "pipeline")
     assert pipeline["work_pool_name"] == "grpo-agents" and pipeline["global_concurrency_limit"]["limit"] == 1
     assert f"{api}/deployments/{pipeline['id']}/create_flow_run" in out
-    assert httpx.get(api.removesuffix("/api"), timeout=30).status_code == 200  # the UI is served
+    assert call("GET", api.removesuffix("/api")).status_code == 200  # the UI is served
     status = sh([str(BIN / "grpo-agents"), "server", "status"], project / "data", env)  # from a subdirectory
     assert "worker: up" in status
 
@@ -124,7 +134,7 @@ def test_runs_triggered_over_rest_complete_one_at_a_time_and_publish_artifacts(s
         assert run["state"]["type"] == "COMPLETED", f"{run['name']}: {run['state']}\n{logs(api, run['id'])[-3000:]}"
     started, ended = (datetime.fromisoformat(runs[1]["start_time"]), datetime.fromisoformat(runs[0]["end_time"]))
     assert started >= ended, "the two pipeline runs overlapped"
-    history = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": second}, timeout=30).json()
+    history = call("GET", f"{api}/flow_run_states/", params={"flow_run_id": second}).json()
     assert "AwaitingConcurrencySlot" in {s["name"] for s in history}  # it waited for the deployment's slot
 
     assert re.search(r"judge: .* served on http://", logs(api, first))  # grpo.judge, a stage's own logger
@@ -136,7 +146,7 @@ def test_runs_triggered_over_rest_complete_one_at_a_time_and_publish_artifacts(s
     # The second run changed only evaluate's params: prepare was skipped, evaluate and register ran.
     assert "validation-summary" not in second_artifacts and "evaluation" in second_artifacts
     assert "grpo-agent version 2" in second_artifacts["registry-decision"]
-    latest = httpx.get(f"{api}/artifacts/registry-decision/latest", timeout=30).json()
+    latest = call("GET", f"{api}/artifacts/registry-decision/latest").json()
     assert latest["flow_run_id"] == second  # the stable key's latest version is the last run's
     printed = run_readme_block(read_block, api, env, RUN=first)  # the README's state and artifact reads
     assert printed.startswith("COMPLETED Completed\n") and "validation-summary\n" in printed
@@ -177,7 +187,7 @@ def test_schedules_create_runs_and_the_worker_runs_them(stack):
 
     def scheduled(deployment_id: str) -> list[dict]:
         body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
-        return [r for r in httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json() if r["auto_scheduled"]]
+        return [r for r in call("POST", f"{api}/flow_runs/filter", json=body).json() if r["auto_scheduled"]]
 
     print(sh([str(BIN / "grpo-agents"), "schedule", "on"], project, env))
     deadline = time.monotonic() + 120
@@ -196,7 +206,7 @@ def test_schedules_create_runs_and_the_worker_runs_them(stack):
     pipeline = deployment(api, "pipeline")["id"]
     anchor = (datetime.now(UTC) + timedelta(seconds=10)).isoformat()  # the first run is 10 s from now
     body = [{"schedule": {"interval": 3600, "anchor_date": anchor}, "active": True}]
-    schedule = httpx.post(f"{api}/deployments/{pipeline}/schedules", json=body, timeout=30).json()[0]
+    schedule = call("POST", f"{api}/deployments/{pipeline}/schedules", json=body).json()[0]
     try:
         deadline = time.monotonic() + 120
         while not scheduled(pipeline) and time.monotonic() < deadline:
@@ -206,7 +216,7 @@ def test_schedules_create_runs_and_the_worker_runs_them(stack):
         run = wait(api, runs[0]["id"], timeout=600)
         assert run["state"]["type"] == "COMPLETED", logs(api, run["id"])[-3000:]
     finally:
-        httpx.delete(f"{api}/deployments/{pipeline}/schedules/{schedule['id']}", timeout=30)
+        call("DELETE", f"{api}/deployments/{pipeline}/schedules/{schedule['id']}")
     assert dvc_status(project, env) == {}
 
 
