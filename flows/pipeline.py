@@ -91,7 +91,17 @@ def grpo_pipeline(force: bool = False, profile: str | None = None, overrides: di
     for name in stages.STAGE_LOGGERS:  # their INFO records too, not only warnings
         logging.getLogger(name).setLevel(logging.INFO)
     with project_lock():
-        return run_pipeline(force, {**({"profile": profile} if profile else {}), **(overrides or {})})
+        return run_pipeline(force, apply_overrides(profile, overrides))
+
+
+def apply_overrides(profile: str | None, overrides: dict[str, Any] | None) -> Params:
+    """Write ``profile`` and ``overrides`` into params.yaml (validated, atomically); the params to run with."""
+    changes = {**({"profile": profile} if profile else {}), **(overrides or {})}
+    if not changes:
+        return load_params()
+    params = set_params(changes)
+    print(f"params.yaml updated: {changes}")
+    return params
 
 
 @contextmanager
@@ -112,12 +122,7 @@ def project_lock():
         lock.release()
 
 
-def run_pipeline(force: bool, overrides: dict[str, Any]) -> dict:
-    if overrides:
-        params = set_params(overrides)
-        print(f"params.yaml updated: {overrides}")
-    else:
-        params = load_params()
+def run_pipeline(force: bool, params: Params) -> dict:
     mlflow = setup(params)
     ran, skipped = {}, []
     with mlflow.start_run(run_name="grpo-pipeline", tags={"pipeline": "prefect"}) as parent:

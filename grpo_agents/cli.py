@@ -42,23 +42,17 @@ def find_project(start: Path) -> Path:
 
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(STAGE_LOGGERS))  # before Prefect is imported
-    from flows.pipeline import PipelineBusy, grpo_pipeline, project_lock, summary_text
-    from grpo_agents.params import load_params, parse_overrides, set_params
+    from flows.pipeline import PipelineBusy, apply_overrides, grpo_pipeline, project_lock, summary_text
+    from grpo_agents.params import load_params, parse_overrides
 
-    overrides = {**({"profile": args.profile} if args.profile else {}), **parse_overrides(args.set or [])}
     # A bad params.yaml, a bad --set or a busy project stops here with one line, before Prefect
     # starts; the overrides are written (validated, atomically) under the project's lock.
     try:
         with project_lock():
-            if overrides:
-                set_params(overrides)
-            else:
-                load_params()
+            apply_overrides(args.profile, parse_overrides(args.set or []))
     except PipelineBusy as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    if overrides:
-        print(f"params.yaml updated: {overrides}")
     grpo_pipeline(force=args.force)
     print(summary_text(load_params()))
 
