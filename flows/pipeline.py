@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -29,6 +30,7 @@ from grpo.evaluation import ci_line
 from grpo.io import read_json
 from grpo_agents import stages
 from grpo_agents.params import Params, load_params, set_params
+from mlflow_io.registry import sync_champion
 from mlflow_io.tracking import PARENT_RUN_ENV, setup
 
 LOCK = Path(".dvc/tmp/grpo-pipeline.lock")  # .dvc/tmp is DVC's own git-ignored scratch directory
@@ -125,6 +127,9 @@ def project_lock():
 def run_pipeline(force: bool, params: Params) -> dict:
     mlflow = setup(params)
     ran, skipped = {}, []
+    # The champion may have moved since the last run (the MLflow UI, another project): what DVC sees
+    # of it is refreshed first, so a moved champion makes evaluate stale.
+    sync_champion(MlflowClient(), params.register.model_name, params.paths)
     with mlflow.start_run(run_name="grpo-pipeline", tags={"pipeline": "prefect"}) as parent:
         os.environ[PARENT_RUN_ENV] = parent.info.run_id
         try:

@@ -1,5 +1,6 @@
 """Prefect flows for the registry: `promote-model` and `rollback-model` (wiring only; the logic is
-in mlflow_io/registry.py, which the `grpo-agents promote` and `rollback` commands call too)."""
+in mlflow_io/registry.py, which the `grpo-agents promote` and `rollback` commands call too). Both
+refresh paths.champion, so DVC sees the move."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def promote_model(version: str | None = None) -> dict:
     refusal fails the run with the gate's reason (as `grpo-agents promote` exits 1)."""
     params = load_params()
     setup(params)
-    result = registry.promote_version(MlflowClient(), params.register, version, "prefect flow promote-model")
+    client = MlflowClient()
+    result = registry.promote_version(client, params.register, version, "prefect flow promote-model")
+    registry.sync_champion(client, params.register.model_name, params.paths)
     print(result)
     if not result["promoted"]:
         raise registry.RegistryError(f"version {result['version']} not promoted: {result['reason']}")
@@ -29,6 +32,8 @@ def rollback_model() -> dict:
     """Restore the champion that the current champion replaced."""
     params = load_params()
     setup(params)
-    result = registry.rollback(MlflowClient(), params.register.model_name, "prefect flow rollback-model")
+    client = MlflowClient()
+    result = registry.rollback(client, params.register.model_name, "prefect flow rollback-model")
+    registry.sync_champion(client, params.register.model_name, params.paths)
     print(result)
     return result

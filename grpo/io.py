@@ -1,8 +1,10 @@
-"""Atomic writes: a reader sees the previous output or the new one, never half of either."""
+"""Atomic writes (a reader sees the previous output or the new one, never half of either), and
+content hashes of directories."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -47,3 +49,19 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def update_with_tree(digest: hashlib._Hash, root: str | os.PathLike) -> None:
+    """Feed every file under ``root`` into ``digest``: relative path and bytes, in sorted order
+    (``__pycache__`` skipped), so the result names the directory's content wherever it lies."""
+    root = Path(root)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(f.relative_to(root)).encode())
+        with f.open("rb") as fh:  # in chunks: a policy's weights are hundreds of MB
+            hashlib.file_digest(fh, lambda: digest)
+
+
+def tree_sha256(root: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    update_with_tree(digest, root)
+    return digest.hexdigest()

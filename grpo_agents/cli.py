@@ -10,6 +10,7 @@ champion, serve an agent.
     grpo-agents schedule on|off        resume or pause the scheduled `retrain` deployment
     grpo-agents promote [--version N]  move `champion` to a version that passes the promotion gate
     grpo-agents rollback               restore the champion that the current one replaced
+    grpo-agents champion               show it; refresh the file through which DVC sees it
     grpo-agents serve [--alias A]      serve models:/<register.model_name>@<alias> over an OpenAI API
     grpo-agents chat [--alias A]       talk to that model in the terminal, turn by turn
 
@@ -98,26 +99,34 @@ def schedule(args: argparse.Namespace) -> None:
     print(stack.schedule(args.state == "on").strip())
 
 
-def promote_or_rollback(args: argparse.Namespace) -> None:
+def registry(args: argparse.Namespace) -> None:
+    """promote, rollback and champion: each ends by refreshing paths.champion, evaluate's DVC input."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from grpo_agents.params import load_params
-    from mlflow_io.registry import RegistryError, promote_version, rollback
+    from mlflow_io.registry import RegistryError, by_alias, promote_version, rollback, sync_champion
     from mlflow_io.tracking import setup
 
     params = load_params()
     setup(params)
-    client = MlflowClient()
+    client, name = MlflowClient(), params.register.model_name
     try:
         if args.command == "promote":
             result = promote_version(client, params.register, args.version, "cli promote")
+        elif args.command == "rollback":
+            result = rollback(client, name, "cli rollback")
         else:
-            result = rollback(client, params.register.model_name, "cli rollback")
+            champion = by_alias(client, name, "champion")
+            result = {"champion": str(champion.version) if champion else None}
+        compared = sync_champion(client, name, params.paths)
     except (RegistryError, MlflowException) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(result)
+    print(
+        f"evaluate compares against: {f'{name} v{compared}' if compared else 'no champion'} ({params.paths.champion})"
+    )
     if args.command == "promote" and not result["promoted"]:
         raise SystemExit(1)
 
@@ -213,9 +222,17 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=schedule)
     p = sub.add_parser("promote", help="move champion to a version that passes the gate; exit 1 if it does not")
     p.add_argument("--version", help="the version to promote (default: the challenger)")
-    p.set_defaults(func=promote_or_rollback)
+    p.set_defaults(func=registry)
     p = sub.add_parser("rollback", help="restore the champion that the current one replaced")
-    p.set_defaults(func=promote_or_rollback)
+    p.set_defaults(func=registry)
+    p = sub.add_parser(
+        "champion",
+        help="show the champion and refresh the file that tells DVC which one evaluate compares against",
+        description="Prints the champion, and writes paths.champion (a DVC input of evaluate) from the "
+        "registry. promote, rollback, register and every flow run do this themselves; run it before "
+        "`dvc repro` when the alias was moved some other way (the MLflow UI, another project).",
+    )
+    p.set_defaults(func=registry)
     p = sub.add_parser(
         "serve",
         help="serve a registered agent over an OpenAI-compatible API",

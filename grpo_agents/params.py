@@ -51,6 +51,7 @@ class Paths(Config):
     plots: str
     mlflow_db: str
     mlflow_artifacts: str
+    champion: str
 
 
 class MlflowParams(Config):

@@ -20,8 +20,10 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
-from grpo_agents.params import RegisterParams
+from grpo.io import read_json, tree_sha256, write_json
+from grpo_agents.params import Paths, RegisterParams
 
 log = logging.getLogger(__name__)
 REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "pandas", "mlflow")
@@ -46,6 +48,35 @@ def find_version(client: MlflowClient, name: str, key: str, value: str):
     return max(found, key=lambda v: int(v.version), default=None)
 
 
+def evaluation_champion(client: MlflowClient, name: str, policy_dir: str) -> str | None:
+    """The version ``evaluate`` compares the trained policy against: the champion, unless the
+    champion was registered from this very policy (its ``policy_sha256`` tag), as after a run that
+    promoted its own policy; then the version it replaced (and so on down the chain), which is
+    what that run was evaluated against. None when there is none."""
+    mine = tree_sha256(policy_dir) if Path(policy_dir).is_dir() else None
+    version, seen = by_alias(client, name, "champion"), set()
+    while version is not None and mine is not None and version.tags.get("policy_sha256") == mine:
+        seen.add(version.version)
+        replaced = version.tags.get("promotion.replaced")
+        version = client.get_model_version(name, replaced) if replaced and replaced not in seen else None
+    return str(version.version) if version is not None else None
+
+
+def sync_champion(client: MlflowClient, name: str, paths: Paths) -> str | None:
+    """Write ``paths.champion``: the version evaluate compares against, as the registry says now.
+
+    DVC cannot see the registry, so this file is how it sees the champion: it is a dependency of
+    evaluate. evaluate writes the version it used; every move of the alias (register, promote,
+    rollback, and the start of a flow run) rewrites it, so ``dvc status`` shows evaluate as changed
+    exactly when the version it would compare against is not the one it did."""
+    version = evaluation_champion(client, name, paths.policy)
+    current = {"model_name": name, "version": version}
+    if not Path(paths.champion).exists() or read_json(paths.champion) != current:
+        write_json(paths.champion, current)
+        log.info("%s: evaluate compares against %s", paths.champion, f"{name} v{version}" if version else "no champion")
+    return version
+
+
 def version_or_challenger(client: MlflowClient, name: str, version: str | None) -> str:
     if version is not None:
         return str(version)
@@ -58,7 +89,9 @@ def version_or_challenger(client: MlflowClient, name: str, version: str | None) 
 def download_policy(name: str, version: str, dest: str | None = None) -> str:
     """Local directory of a registered agent version's policy (merged weights + tokenizer)."""
     local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dest)
-    return os.path.join(local, "artifacts", "policy")
+    # MLflow keeps an artifact under its directory's own name (artifacts/<basename>); MLmodel maps it.
+    flavor = Model.load(local).flavors["python_function"]
+    return os.path.join(local, flavor["artifacts"]["policy"]["path"])
 
 
 def tag(version, key: str) -> float:
@@ -119,12 +152,29 @@ def record(client: MlflowClient, name: str, version: str, decision: str, reason:
 
 
 def promote(
-    client: MlflowClient, name: str, version: str, metric: str, margin: float, by: str, require_ci: bool = True
+    client: MlflowClient,
+    name: str,
+    version: str,
+    metric: str,
+    margin: float,
+    by: str,
+    require_ci: bool = True,
+    automatic: bool = False,
 ) -> dict:
+    """Move ``champion`` to ``version`` if it passes the gate. ``automatic`` (the register stage)
+    also refuses a version that was rolled back: only a person promotes it again."""
     champion = by_alias(client, name, "champion")
     if champion is not None and str(champion.version) == str(version):  # nothing to decide, nothing recorded
         return {"promoted": False, "version": str(version), "reason": f"version {version} is already the champion"}
     ok, reason = gate(client, name, version, metric, margin, require_ci)
+    if ok and automatic and client.get_model_version(name, str(version)).tags.get("rolled_back") == "true":
+        ok, reason = (
+            False,
+            (
+                f"refused: version {version} was rolled back; promote it by hand if you mean it "
+                f"(grpo-agents promote --version {version})"
+            ),
+        )
     if not ok:
         record(client, name, version, "refused", reason, by)
         return {"promoted": False, "version": str(version), "reason": reason}
@@ -133,6 +183,8 @@ def promote(
         client.set_model_version_tag(name, str(old.version), "previous_champion", "true")
         client.set_model_version_tag(name, str(version), "promotion.replaced", str(old.version))
     client.set_registered_model_alias(name, "champion", str(version))
+    if client.get_model_version(name, str(version)).tags.get("rolled_back"):  # promoted again, by hand
+        client.delete_model_version_tag(name, str(version), "rolled_back")
     record(client, name, version, "promoted", reason, by)
     return {"promoted": True, "version": str(version), "replaced": str(old.version) if old else None, "reason": reason}
 

@@ -11,6 +11,11 @@ pairs), or whose reply length drifts past `evaluate.max_length_ratio`, is flagge
 version cannot be promoted. Also writes `paths.plots`/eval.csv and a markdown report
 (`paths.metrics`/eval.md) with the comparison table and side-by-side examples, which the Prefect
 flow publishes as an artifact. The comparison itself is grpo/evaluation.py.
+
+The champion compared against is the registry's, unless that champion is this very policy (a run
+that promoted itself); then it is the version it replaced. That version is written to
+`paths.champion`, a DVC dependency of this stage, so `dvc repro` re-evaluates when it moves
+(mlflow_io/registry.py, `sync_champion`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig, rollout_in_chunks
 from grpo_agents.params import BaseModelParams, JudgeParams, Paths, RegisterParams
-from mlflow_io.registry import by_alias, download_policy
+from mlflow_io.registry import download_policy, sync_champion
 from mlflow_io.tracking import log_metrics, log_table, log_text
 
 
@@ -74,9 +79,8 @@ def run(
         )
 
     trajectories = {"base": rollouts(base, tokenizer, "base"), "trained": rollouts(trained, tokenizer, "trained")}
-    champion = by_alias(MlflowClient(), register.model_name, "champion")
-    champion_version = str(champion.version) if champion else None
-    if champion:
+    champion_version = sync_champion(MlflowClient(), register.model_name, paths)
+    if champion_version:
         with tempfile.TemporaryDirectory() as tmp:
             model, model_tokenizer = load_policy(download_policy(register.model_name, champion_version, tmp), device)
             trajectories["champion"] = rollouts(model, model_tokenizer, f"champion v{champion_version}")

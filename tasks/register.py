@@ -5,7 +5,9 @@ Every new version gets the alias ``challenger``. ``champion`` moves to it only t
 mlflow_io/registry.py: its evaluation is not flagged, and it beats the champion (the base when there
 is none) by more than `register.min_improvement`, with the paired CI above zero when
 `register.require_ci`. The decision and the lineage (git commit, DVC output hashes, params file)
-are written as tags on the version. Writes `paths.metrics`/register.json.
+are written as tags on the version. Writes `paths.metrics`/register.json, and `paths.champion`
+(the version the next evaluate compares against). The gate here never re-promotes a version that was
+rolled back; a person can, with `grpo-agents promote --version N`.
 
 A rerun with the same inputs (policy and reward model files, eval.json and reward.json, `register`
 params, device, and the code the pyfuncs package: grpo/ and mlflow_io/) adds no version: the one
@@ -22,9 +24,9 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
-from grpo.io import read_json, write_json
+from grpo.io import read_json, tree_sha256, update_with_tree, write_json
 from grpo_agents.params import PARAMS_FILE, Paths, RegisterParams
-from mlflow_io.registry import find_version, log_agent, log_reward_model, promote, set_tags
+from mlflow_io.registry import find_version, log_agent, log_reward_model, promote, set_tags, sync_champion
 from mlflow_io.tracking import active_run_id, log_artifact, log_dict
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,8 @@ def evaluation_tags(evaluation: dict, metric: str) -> dict:
 def inputs_digest(register: RegisterParams, device: str, paths: Paths) -> str:
     """sha256 of everything a registered version is made of, the code it packages included."""
     digest = hashlib.sha256(register.model_dump_json().encode() + device.encode())
-    for root in (Path(paths.policy), Path(paths.reward_model), Path("grpo"), Path("mlflow_io")):
-        for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-            digest.update(str(f.relative_to(root)).encode())
-            digest.update(f.read_bytes())
+    for root in (paths.policy, paths.reward_model, "grpo", "mlflow_io"):
+        update_with_tree(digest, root)
     for metrics in ("eval.json", "reward.json"):
         digest.update(Path(paths.metrics, metrics).read_bytes())
     return digest.hexdigest()
@@ -87,6 +87,7 @@ def register_new(register: RegisterParams, device: str, paths: Paths, evaluation
         "git_commit": git_commit(),
         "params_sha256": hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest(),
         "inputs_sha256": digest,
+        "policy_sha256": tree_sha256(paths.policy),  # how evaluate knows the champion is this policy
         "mlflow_run_id": active_run_id(),
         "reward_model": f"{register.reward_model_name}/{reward_version}",
         **dvc_hashes(),
@@ -107,8 +108,16 @@ def run(register: RegisterParams, device: str, paths: Paths) -> dict:
         log.info("%s version %s was registered from the same inputs: no new version", name, existing.version)
         version, reward_version = str(existing.version), existing.tags["reward_model"].rsplit("/", 1)[1]
     decision = promote(
-        client, name, version, metric, register.min_improvement, "register stage (automatic gate)", register.require_ci
+        client,
+        name,
+        version,
+        metric,
+        register.min_improvement,
+        "register stage (automatic gate)",
+        register.require_ci,
+        automatic=True,
     )
+    sync_champion(client, name, paths)
     result = {
         "model_name": name,
         "version": int(version),

@@ -21,7 +21,18 @@ def test_constraints_pin_no_local_versions():
 
 def test_every_command_has_help_from_any_directory():
     commands = parser()._subparsers._group_actions[0].choices  # argparse keeps the subparsers here
-    assert set(commands) == {"run", "stage", "server", "deploy", "schedule", "promote", "rollback", "serve", "chat"}
+    assert set(commands) == {
+        "run",
+        "stage",
+        "server",
+        "deploy",
+        "schedule",
+        "promote",
+        "rollback",
+        "champion",
+        "serve",
+        "chat",
+    }
     top = subprocess.run([str(BIN / "grpo-agents"), "--help"], capture_output=True, text=True, cwd="/").stdout
     for command in commands:  # the overview lists every command, and every command's own help runs
         assert f"grpo-agents {command}" in top, command

@@ -282,6 +282,56 @@ def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(flow_project)
     assert dvc_status(clone, env) == {}
 
 
+# Registers the base model as if another project had trained it, with an evaluation that passes the
+# gate against the current champion.
+REGISTER_ELSEWHERE = """
+from mlflow import MlflowClient
+from grpo_agents.params import load_params
+from mlflow_io.registry import log_agent, set_tags
+from mlflow_io.tracking import setup
+params = load_params()
+setup(params)
+client = MlflowClient()
+champion = client.get_model_version_by_alias("grpo-agent", "champion").version
+version = log_agent("grpo-agent", params.paths.base_model, "cpu")
+evaluation = {"reward_mean": 1, "vs_champion.version": champion, "vs_champion.mean": 0.5, "vs_champion.ci_low": 0.1}
+set_tags(client, "grpo-agent", version, {**{f"eval.{k}": v for k, v in evaluation.items()}, "eval.flagged": "false"})
+print("registered version", version)
+"""
+
+
+def test_dvc_repro_re_evaluates_when_the_champion_moves(flow_project):
+    """DVC sees the registry's champion through mlflow/champion.json, a dependency of evaluate: a
+    version from elsewhere promoted with `grpo-agents promote` makes evaluate stale, a rollback
+    makes it clean again, and `dvc repro` re-evaluates against a promoted one."""
+    project, env, _ = flow_project
+    assert dvc_status(project, env) == {}
+    out = sh([sys.executable, "-c", REGISTER_ELSEWHERE], project, env)
+    version = out.split("registered version ")[1].split()[0]
+    assert dvc_status(project, env) == {}  # registering moves no alias
+    grpo_agents = str(BIN / "grpo-agents")
+    sh([grpo_agents, "promote", "--version", version], project, env)
+    assert json.loads((project / "mlflow/champion.json").read_text())["version"] == version
+    assert set(dvc_status(project, env)) == {"evaluate"}
+    sh([grpo_agents, "rollback"], project, env)  # the champion evaluate compared against is back
+    assert dvc_status(project, env) == {}
+    sh([grpo_agents, "promote", "--version", version], project, env)  # by hand, after a rollback: allowed
+    assert set(dvc_status(project, env)) == {"evaluate"}
+    out = sh([str(BIN / "dvc"), "repro"], project, env)
+    assert {s for s in STAGES if f"Running stage '{s}'" in out} == {"evaluate", "register"}, out[-3000:]
+    assert json.loads((project / "metrics/eval.json").read_text())["champion_version"] == version
+    assert dvc_status(project, env) == {}
+    # Moved some other way (the MLflow UI does this): DVC sees it after `grpo-agents champion`.
+    client = mlflow_client(project)
+    client.set_registered_model_alias("grpo-agent", "champion", "1")
+    assert dvc_status(project, env) == {}
+    sh([grpo_agents, "champion"], project, env)
+    assert set(dvc_status(project, env)) == {"evaluate"}
+    client.set_registered_model_alias("grpo-agent", "champion", version)
+    sh([grpo_agents, "champion"], project, env)
+    assert dvc_status(project, env) == {}
+
+
 def test_dvc_experiments_keep_their_metrics(flow_project):
     """A two-point sweep with `dvc exp run -S`: `dvc exp show` has each experiment's params and its
     metrics (metrics/ is committed with each experiment, so it must not be git-ignored). Last in

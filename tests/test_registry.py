@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from conftest import write_params
 from mlflow.pyfunc import PythonModel
 
+from grpo.io import tree_sha256
+from grpo_agents.params import load_params
 from mlflow_io import registry
 from mlflow_io.tracking import setup
 
@@ -130,6 +133,9 @@ def test_cli_refuses_a_worse_challenger_with_exit_1_and_rolls_back(project):
     assert run("promote", "--version", v3).returncode == 0 and champion(client) == v3
     rb = run("rollback")
     assert rb.returncode == 0 and champion(client) == v1, rb.stderr
+    assert json.loads((cwd / "mlflow/champion.json").read_text()) == {"model_name": NAME, "version": v1}
+    shown = run("champion")
+    assert shown.returncode == 0 and f"evaluate compares against: {NAME} v{v1}" in shown.stdout
     err = run("rollback")
     assert err.returncode == 1 and "error:" in err.stderr and "Traceback" not in err.stderr
 
@@ -143,3 +149,36 @@ def test_prefect_flows_wire_the_same_functions(project):
     v2 = register(client, 0.7)
     assert promote_model.fn(v2)["replaced"] == v1
     assert rollback_model.fn()["champion"] == v1
+
+
+def test_evaluate_compares_against_the_champion_this_policy_did_not_become(project):
+    """paths.champion, evaluate's DVC input: the champion, or, when the champion is this workspace's
+    own policy (it promoted itself), the version it replaced; rewritten only when that changes."""
+    _, client = project
+    paths = load_params().paths
+    policy, file = Path(paths.policy), Path(paths.champion)
+    policy.mkdir(parents=True)
+    (policy / "model.safetensors").write_bytes(b"trained weights")
+
+    assert registry.sync_champion(client, NAME, paths) is None
+    assert json.loads(file.read_text()) == {"model_name": NAME, "version": None}
+    v1 = register(client, 0.5)  # some other policy
+    registry.promote(client, NAME, v1, "reward_mean", 0.0, "test")
+    assert registry.sync_champion(client, NAME, paths) == v1
+    v2 = register(client, 0.7)  # this workspace's policy, evaluated against v1
+    client.set_model_version_tag(NAME, v2, "policy_sha256", tree_sha256(policy))
+    assert registry.promote(client, NAME, v2, "reward_mean", 0.0, "test")["promoted"]
+    stamp = file.stat().st_mtime_ns
+    assert registry.sync_champion(client, NAME, paths) == v1  # not v2: that would be itself
+    assert file.stat().st_mtime_ns == stamp  # unchanged content is not rewritten: DVC sees no change
+
+    # A rolled-back version stays out until a person promotes it again.
+    registry.rollback(client, NAME, "test")
+    auto = registry.promote(client, NAME, v2, "reward_mean", 0.0, "register stage", automatic=True)
+    assert not auto["promoted"] and "was rolled back" in auto["reason"] and champion(client) == v1
+    assert registry.promote(client, NAME, v2, "reward_mean", 0.0, "by hand")["promoted"]
+    assert "rolled_back" not in client.get_model_version(NAME, v2).tags
+
+    (policy / "model.safetensors").write_bytes(b"retrained weights")  # champion v2 is no longer this policy
+    assert registry.sync_champion(client, NAME, paths) == v2
+    assert json.loads(file.read_text())["version"] == v2
