@@ -224,9 +224,10 @@ def report_markdown(result: dict, tables: dict[str, pd.DataFrame], n_examples: i
 
 
 @torch.no_grad()
-def policy_kl(policy, reference, trajectories, pad_id: int, batch_size: int = 8) -> float:
+def policy_kl(policy, reference, trajectories, pad_id: int, temperature: float = 1.0, batch_size: int = 8) -> float:
     """Monte Carlo KL(policy || reference) per agent token: the mean over the policy's own sampled
-    agent tokens of log p_policy - log p_reference."""
+    agent tokens of log p_policy - log p_reference, both at the ``temperature`` they were sampled at
+    (the estimate is unbiased only under the distribution that drew the samples)."""
     from grpo.objective import token_logprobs
     from grpo.trainer import pad_batch
 
@@ -234,7 +235,9 @@ def policy_kl(policy, reference, trajectories, pad_id: int, batch_size: int = 8)
     total = tokens = 0.0
     for i in range(0, len(trajectories), batch_size):
         ids, attn, mask, start = pad_batch(trajectories[i : i + batch_size], pad_id, device)
-        diff = token_logprobs(policy, ids, attn, start) - token_logprobs(reference, ids, attn, start)
+        diff = token_logprobs(policy, ids, attn, start, temperature=temperature) - token_logprobs(
+            reference, ids, attn, start, temperature=temperature
+        )
         total += float((diff * mask).sum())
         tokens += float(mask.sum())
     return total / max(tokens, 1.0)

@@ -1,8 +1,14 @@
 """The GRPO objective: group-relative advantages, the clipped surrogate and the k3 KL.
 
 Notation per token t of sequence i: ratio r = exp(logp - logp_old), advantage A_i,
-per-token loss l = -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta * KL_k3,
-KL_k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative estimator).
+per-token loss l = -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta * KL,
+KL = r * KL_k3 with ``bias_correction_kl`` (TRL's ``use_bias_correction_kl``, its default: the
+unbiased reverse-KL gradient), else KL_k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's
+non-negative estimator). Log-probs are those of the sampling distribution: logits / temperature.
+
+The loss equals TRL 1.16's ``GRPOTrainer._compute_loss`` on the same tensors, for every loss type,
+both importance-sampling levels, with and without the KL and its bias correction
+(tests/test_objective.py calls TRL's own function to check the loss and its gradient).
 """
 
 from __future__ import annotations
@@ -39,14 +45,24 @@ def group_advantages(
     return adv.reshape(-1), int(zero.sum())
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1, entropy: bool = False):
-    """Log-probability of each token from position ``start`` on, given its prefix; shape
-    (B, T-start), aligned to ``input_ids[:, start:]``. Logits (the vocabulary projection is a
-    fifth of the model's compute) are computed only for the positions that predict those tokens.
-    With ``entropy``, also returns the entropy of each of those next-token distributions
-    (no gradient), as a second tensor of the same shape."""
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int = 1,
+    entropy: bool = False,
+    temperature: float = 1.0,
+):
+    """Log-probability of each token from position ``start`` on, given its prefix, under the
+    distribution sampled at ``temperature`` (logits / temperature, as TRL does); shape (B, T-start),
+    aligned to ``input_ids[:, start:]``. Logits (the vocabulary projection is a fifth of the
+    model's compute) are computed only for the positions that predict those tokens. With
+    ``entropy``, also returns the entropy of each of those next-token distributions (no gradient),
+    as a second tensor of the same shape."""
     keep = input_ids.shape[1] - start + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = -F.cross_entropy(logits.transpose(1, 2), input_ids[:, start:], reduction="none")
     if not entropy:
         return logp
@@ -74,21 +90,37 @@ def turn_returns(prefix_rewards: list[float], gamma: float) -> list[float]:
 
 
 def turn_advantages(returns: list[list[float]], group_size: int, scale: str = "group", eps: float = 1e-4):
-    """Group-relative advantages of per-turn returns: within each group, every (episode, turn)
-    return is centred on the group's mean return and scaled like :func:`group_advantages`.
-    Returns ``(advantages as lists per episode, zero_std_groups)``."""
+    """Group-relative advantages of per-turn returns. A first turn's return is close to the whole
+    reward and a later turn's only what it added, so each turn index has its own baseline and
+    scale: within each group, the k-th turn's return of every episode that reached turn k is
+    centred on their mean and divided by their std (``group``), by the std of all k-th turns in the
+    batch (``batch``) or not at all (``none``). Identical episodes get 0; so does a turn only one
+    episode of its group reached. Returns ``(advantages as lists per episode, zero_std_groups)``,
+    a group counting as zero-std when no turn index varies in it."""
+
+    def at_turn(episodes: list[list[float]], k: int) -> torch.Tensor:
+        return torch.tensor([ep[k] for ep in episodes if len(ep) > k])
+
+    turns = max((len(ep) for ep in returns), default=0)
+    batch_std = [at_turn(returns, k).std() if len(at_turn(returns, k)) > 1 else torch.tensor(0.0) for k in range(turns)]
     out, zero = [], 0
-    flat_all = torch.tensor([g for ep in returns for g in ep])
-    for start in range(0, len(returns), group_size):
-        group = returns[start : start + group_size]
-        flat = torch.tensor([g for ep in group for g in ep])
-        std = flat.std() if len(flat) > 1 else torch.tensor(0.0)
-        if std < 1e-8:
-            zero += 1
-            out += [[0.0] * len(ep) for ep in group]
-            continue
-        denom = {"group": std + eps, "batch": flat_all.std() + eps, "none": torch.tensor(1.0)}[scale]
-        out += [[float((g - flat.mean()) / denom) for g in ep] for ep in group]
+    for first in range(0, len(returns), group_size):
+        group = returns[first : first + group_size]
+        advs = [[0.0] * len(ep) for ep in group]
+        varied = False
+        for k in range(max(len(ep) for ep in group)):
+            values = at_turn(group, k)
+            std = values.std() if len(values) > 1 else torch.tensor(0.0)
+            if std < 1e-8:
+                continue
+            varied = True
+            denom = {"group": std + eps, "batch": batch_std[k] + eps, "none": torch.tensor(1.0)}[scale]
+            mean = values.mean()
+            for i, ep in enumerate(group):
+                if len(ep) > k:
+                    advs[i][k] = float((ep[k] - mean) / denom)
+        zero += not varied
+        out += advs
     return out, zero
 
 
@@ -102,8 +134,10 @@ def per_token_loss(
     beta: float = 0.0,
     mask=None,
     level: str = "token",
+    bias_correction_kl: bool = True,
 ):
-    """Per-token clipped-surrogate loss plus ``beta`` * k3 KL; also returns the clip masks.
+    """Per-token clipped-surrogate loss plus ``beta`` * KL (k3, times the ratio with
+    ``bias_correction_kl``); also returns the per-token KL and the clip masks.
     ``advantages`` is one per sequence (B,) or one per token (B, T) (per-turn credit).
 
     ``level="sequence"`` is GSPO: one importance ratio per sequence,
@@ -123,6 +157,8 @@ def per_token_loss(
     kl = None
     if beta > 0 and ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
+        if bias_correction_kl:  # the ratio carries gradient even where it equals 1 (on-policy)
+            kl = kl * ratio
         loss = loss + beta * kl
     clip_low = (ratio < 1 - epsilon) & (adv < 0)
     clip_high = (ratio > 1 + epsilon_high) & (adv > 0)
@@ -130,21 +166,32 @@ def per_token_loss(
 
 
 def aggregate(
-    loss: torch.Tensor, mask: torch.Tensor, loss_type: str, n_seqs: int, n_tokens: int, max_completion_len: int
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    n_seqs: int,
+    n_tokens: int,
+    max_completion_len: int,
+    n_micro: int = 1,
 ) -> torch.Tensor:
-    """Reduce per-token losses of a micro-batch to its share of the batch loss (TRL's formulas).
+    """Reduce per-token losses of one of ``n_micro`` micro-batches to its share of the batch loss,
+    with TRL's formulas (its gradient accumulation steps are our micro-batches):
 
     * ``grpo``:    mean over sequences of (mean over each sequence's tokens)
-    * ``bnpo``/``dapo``: sum over all tokens / number of tokens in the whole batch
+    * ``bnpo``:    sum over the micro-batch's tokens / its own token count, / ``n_micro``
+    * ``dapo``:    sum over all tokens / number of tokens in the whole batch
     * ``dr_grpo``: sum over all tokens / (sequences in the batch * max completion length)
 
-    ``n_seqs`` and ``n_tokens`` are whole-batch counts, so summing micro-batch results gives the
-    batch loss exactly.
+    ``n_seqs`` and ``n_tokens`` are whole-batch counts. For ``grpo`` and ``dr_grpo`` TRL divides a
+    micro-batch's mean by ``n_micro``; dividing its sum by ``n_seqs`` is the same when the
+    micro-batches are equally long, and the batch mean when the last one is shorter.
     """
     mask = mask.to(loss.dtype)
     if loss_type == "grpo":
         return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
-    if loss_type in ("bnpo", "dapo"):
+    if loss_type == "bnpo":
+        return (loss * mask).sum() / mask.sum().clamp(min=1) / n_micro
+    if loss_type == "dapo":
         return (loss * mask).sum() / max(n_tokens, 1)
     if loss_type == "dr_grpo":
         return (loss * mask).sum() / (n_seqs * max_completion_len)

@@ -8,6 +8,7 @@ through TRL's trainer (grpo/trl_backend.py), as the ecosystem path and a referen
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import shutil
@@ -21,12 +22,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from grpo import checkpoint
 from grpo.config import Config
 from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
 from grpo.rollout import ConversationEnvironment, Trajectory
 from grpo.scenarios import Scenario
+
+log = logging.getLogger(__name__)
 
 
 class GRPOConfig(Config):
@@ -37,9 +41,16 @@ class GRPOConfig(Config):
     scenarios_per_step: int = Field(4, ge=1, description="groups per step")
     group_size: int = Field(4, ge=2, description="completions per scenario")
     learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: Literal["constant", "linear"] = Field(
+        "constant", description="constant, or linear decay to 0 over the run (no warm-up); both backends"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, both backends (TRL's default 0)")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     beta: float = Field(0.04, ge=0, description="k3 KL weight; 0 skips the reference forward entirely")
+    use_bias_correction_kl: bool = Field(
+        True, description="weight the k3 KL by the importance ratio (TRL's option and default: unbiased KL gradient)"
+    )
     epsilon: float = Field(0.2, gt=0)
     epsilon_high: float = Field(0.28, gt=0)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
@@ -68,6 +79,29 @@ class GRPOConfig(Config):
                 "backend trl: turn_credit and leave_one_out are native-only; set them to false or use backend: native"
             )
         return self
+
+    def warnings(self) -> list[str]:
+        """Settings that run but are probably not what was meant (TRL warns about the first)."""
+        out = []
+        if self.importance_sampling_level == "sequence":
+            if self.loss_type in ("bnpo", "dr_grpo", "dapo"):
+                out.append(
+                    f"importance_sampling_level: sequence with loss_type {self.loss_type} sums per-token terms, "
+                    "which weights each sequence by its length instead of optimising the per-sequence (GSPO) "
+                    "objective; GSPO uses loss_type: grpo"
+                )
+            if max(self.epsilon, self.epsilon_high) > 0.01:
+                out.append(
+                    f"importance_sampling_level: sequence clips one ratio per sequence, the exp of a mean of "
+                    f"token log-ratios, which stays close to 1: epsilon {self.epsilon} / epsilon_high "
+                    f"{self.epsilon_high} will almost never clip (the GSPO paper uses about 3e-4 / 4e-4)"
+                )
+        return out
+
+
+def log_warnings(cfg: GRPOConfig) -> None:
+    for warning in cfg.warnings():
+        log.warning("train_policy: %s", warning)
 
 
 def lora_config(cfg: GRPOConfig) -> LoraConfig:
@@ -196,10 +230,17 @@ def advantages(
 
 
 def micro_batches(
-    model, trajs: list[Trajectory], adv: torch.Tensor, per_turn: list[list[float]] | None, pad_id: int, cfg: GRPOConfig
+    model,
+    trajs: list[Trajectory],
+    adv: torch.Tensor,
+    per_turn: list[list[float]] | None,
+    pad_id: int,
+    cfg: GRPOConfig,
+    temperature: float,
 ) -> list[MicroBatch]:
     """The step's trajectories in padded micro-batches with their advantages (per token from
-    ``per_turn`` when given) and, without gradient, the old-policy and reference log-probs."""
+    ``per_turn`` when given) and, without gradient, the old-policy and reference log-probs, all at
+    the sampling ``temperature``."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(trajs), cfg.micro_batch_size):
@@ -210,19 +251,30 @@ def micro_batches(
         else:
             a = adv[i : i + cfg.micro_batch_size].to(device)
         with torch.no_grad():
-            old = token_logprobs(model, ids, attn, start) if cfg.num_iterations > 1 else None
+            old = token_logprobs(model, ids, attn, start, temperature=temperature) if cfg.num_iterations > 1 else None
             ref = None
             if cfg.beta > 0:
                 with model.disable_adapter():
-                    ref = token_logprobs(model, ids, attn, start)
+                    ref = token_logprobs(model, ids, attn, start, temperature=temperature)
         out.append(MicroBatch(ids, attn, mask, start, a, old, ref))
     return out
 
 
-def update(model, opt, micro: list[MicroBatch], n_tokens: int, max_len: int, step: int, cfg: GRPOConfig):
+def update(
+    model,
+    opt,
+    scheduler,
+    micro: list[MicroBatch],
+    n_tokens: int,
+    max_len: int,
+    step: int,
+    cfg: GRPOConfig,
+    temperature: float,
+):
     """``num_iterations`` clipped-surrogate updates on the step's micro-batches, with gradient
-    clipping; an update whose gradient norm is not finite is skipped (counted, never applied).
-    Returns ``(stats, last grad norm, updates skipped)``."""
+    clipping; an update whose gradient norm is not finite is skipped (counted, never applied; the
+    learning-rate schedule still advances, so it stays on the step clock). Log-probs are taken at
+    the sampling ``temperature``. Returns ``(stats, last grad norm, updates skipped)``."""
     n_seqs = sum(len(mb.ids) for mb in micro)
     stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
     skipped = 0
@@ -231,10 +283,10 @@ def update(model, opt, micro: list[MicroBatch], n_tokens: int, max_len: int, ste
         step_loss = 0.0
         for mb in micro:
             if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
-                logp, ent = token_logprobs(model, mb.ids, mb.attn, mb.start, entropy=True)
+                logp, ent = token_logprobs(model, mb.ids, mb.attn, mb.start, entropy=True, temperature=temperature)
                 stats["entropy"] += (ent * mb.mask).sum().item() / n_tokens
             else:
-                logp = token_logprobs(model, mb.ids, mb.attn, mb.start)
+                logp = token_logprobs(model, mb.ids, mb.attn, mb.start, temperature=temperature)
             old_logp = mb.old_logp if mb.old_logp is not None else logp.detach()
             loss_tok, kl, lo, hi = per_token_loss(
                 logp,
@@ -246,8 +298,9 @@ def update(model, opt, micro: list[MicroBatch], n_tokens: int, max_len: int, ste
                 cfg.beta,
                 mb.mask,
                 cfg.importance_sampling_level,
+                cfg.use_bias_correction_kl,
             )
-            loss = aggregate(loss_tok, mb.mask, cfg.loss_type, n_seqs, n_tokens, max_len)
+            loss = aggregate(loss_tok, mb.mask, cfg.loss_type, n_seqs, n_tokens, max_len, len(micro))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
             loss.backward()
@@ -257,12 +310,13 @@ def update(model, opt, micro: list[MicroBatch], n_tokens: int, max_len: int, ste
             stats["clip_low"] += lo[m].sum().item() / n_tokens / cfg.num_iterations
             stats["clip_high"] += hi[m].sum().item() / n_tokens / cfg.num_iterations
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        if not math.isfinite(float(grad_norm)):
+        if math.isfinite(float(grad_norm)):
+            opt.step()
+            stats["loss"] += step_loss / cfg.num_iterations
+        else:
             skipped += 1
             opt.zero_grad(set_to_none=True)
-            continue
-        opt.step()
-        stats["loss"] += step_loss / cfg.num_iterations
+        scheduler.step()
     return stats, grad_norm, skipped
 
 
@@ -323,6 +377,16 @@ def step_metrics(
     }
 
 
+def run_identity(cfg: GRPOConfig, scenarios: list[Scenario], env: ConversationEnvironment, fingerprint: dict | None):
+    """What a checkpoint must match to be resumed (both backends)."""
+    return {
+        **cfg.model_dump(),
+        "scenarios": [s.id for s in scenarios],
+        "rollout": env.config.model_dump(),
+        **(fingerprint or {}),
+    }
+
+
 def train(
     model,
     tokenizer,
@@ -332,25 +396,35 @@ def train(
     cfg: GRPOConfig,
     on_step: Callable[[int, dict], None] | None = None,
     checkpoint_dir: str | None = None,
+    fingerprint: dict | None = None,
 ):
     """Train LoRA adapters on ``model`` with GRPO. ``reward_fn(conversations, scenario)`` returns
     ``(totals, raw_components)`` for one group. Returns ``(peft_model, history)``.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every``, a checkpoint is written every N steps and
-    a rerun of the same configuration resumes from it; it is removed when training completes."""
+    a rerun of the same run resumes from it; it is removed when training completes. A run is the
+    same when ``cfg``, the scenarios, the rollout settings and ``fingerprint`` (what the caller
+    knows of the rest: reward, calibration, models) are."""
+    log_warnings(cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    # transformers' scheduler: the one TRL's trainer builds from the same two settings
+    scheduler = get_scheduler(cfg.lr_scheduler_type, opt, 0, cfg.steps * cfg.num_iterations)
     order = random.sample(range(len(scenarios)), len(scenarios))
     history, skipped, first = [], 0, 0
     max_len = env.config.max_new_tokens * env.config.max_turns  # dr_grpo's normaliser
-    run_config = {**cfg.model_dump(), "scenarios": [s.id for s in scenarios]}
+    temperature = env.config.temperature
+    run_config = run_identity(cfg, scenarios, env, fingerprint)
     if checkpoint_dir and cfg.checkpoint_every:
         resumed = checkpoint.load(checkpoint_dir, model, opt, run_config)
         if resumed:
             first, state = resumed
             order, history, skipped = state["order"], state["history"], state["skipped"]
+            scheduler.load_state_dict(state["scheduler"])
     bar = tqdm(range(first, cfg.steps), desc="GRPO", unit="step", initial=first, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
@@ -361,10 +435,10 @@ def train(
         adv, per_turn, zero_std = advantages(trajs, batch, totals, reward_fn, cfg)
         # 4. micro-batches with old-policy and reference log-probs, then the clipped-surrogate updates
         model.train()
-        micro = micro_batches(model, trajs, adv, per_turn, tokenizer.pad_token_id, cfg)
+        micro = micro_batches(model, trajs, adv, per_turn, tokenizer.pad_token_id, cfg, temperature)
         n_tokens = sum(int(mb.mask.sum()) for mb in micro)
         t_upd = time.perf_counter()
-        stats, grad_norm, skips = update(model, opt, micro, n_tokens, max_len, step, cfg)
+        stats, grad_norm, skips = update(model, opt, scheduler, micro, n_tokens, max_len, step, cfg, temperature)
         skipped += skips
         update_s = time.perf_counter() - t_upd
         # 5. log, report and checkpoint
@@ -376,7 +450,7 @@ def train(
         if on_step:
             on_step(step + 1, row)
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            state = {"order": order, "history": history, "skipped": skipped}
+            state = {"order": order, "history": history, "skipped": skipped, "scheduler": scheduler.state_dict()}
             checkpoint.save(checkpoint_dir, step + 1, model, opt, state, run_config)
     if checkpoint_dir:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -18,7 +18,8 @@ loss, grad norm and completion length are TRL's. TRL has no skip-on-non-finite-g
 and refused here. The LoRA adapter is the native loop's (``lora_config``).
 
 Checkpoints are TRL's (``save_steps``: adapter, optimizer, scheduler, RNG, trainer state); a
-rerun resumes from the last one in ``checkpoint_dir``, which is removed when training completes.
+rerun of the same run (the native loop's fingerprint, kept in ``checkpoint_dir``) resumes from the
+last one, and ``checkpoint_dir`` is removed when training completes.
 """
 
 from __future__ import annotations
@@ -34,11 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo import checkpoint
 from grpo.io import read_json, write_json
 from grpo.objective import group_advantages
 from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
-from grpo.trainer import GRPOConfig, generation_metrics, lora_config, reward_metrics, truncated_turn_frac
+from grpo.trainer import (
+    GRPOConfig,
+    generation_metrics,
+    log_warnings,
+    lora_config,
+    reward_metrics,
+    run_identity,
+    truncated_turn_frac,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +80,10 @@ def train_trl(
     device: str,
     on_step: Callable[[int, dict], None] | None = None,
     checkpoint_dir: str | None = None,
+    fingerprint: dict | None = None,
 ):
     """Train LoRA adapters with TRL's GRPOTrainer on multi-turn episodes. Returns
-    ``(peft_model, history)`` like :func:`grpo.trainer.train`."""
+    ``(peft_model, history)`` like :func:`grpo.trainer.train`, whose ``fingerprint`` this takes too."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -80,6 +91,7 @@ def train_trl(
     from trl import GRPOTrainer
 
     GRPOConfig.model_validate({**cfg.model_dump(), "backend": "trl"})  # refuses the native-only options
+    log_warnings(cfg)
     # rollout_func sees only the prompts, so each prompt must name one scenario
     by_prompt: dict[str, Scenario] = {}
     for s in scenarios:
@@ -160,12 +172,22 @@ def train_trl(
     )
     save = bool(checkpoint_dir and cfg.checkpoint_every)
     out_dir = checkpoint_dir if save else tempfile.mkdtemp(prefix="trl-grpo-")
+    if save:  # TRL resumes any checkpoint it finds: only one written by this same run may be resumed
+        run = checkpoint.fingerprint(run_identity(cfg, scenarios, env, fingerprint))
+        stamp = Path(out_dir, "run.fingerprint")
+        if Path(out_dir).is_dir() and (not stamp.exists() or stamp.read_text() != run):
+            log.warning("trl backend: %s holds checkpoints of another run; starting from scratch", out_dir)
+            shutil.rmtree(out_dir)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        stamp.write_text(run)
     args = TRLConfig(
         output_dir=out_dir,
         use_cpu=device == "cpu",
         bf16=False,
         max_steps=cfg.steps,
         learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
         per_device_train_batch_size=batch // accumulate,
         gradient_accumulation_steps=accumulate,
         num_generations=cfg.group_size,
@@ -173,6 +195,7 @@ def train_trl(
         temperature=env.config.temperature,
         top_p=env.config.top_p,
         beta=cfg.beta,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
         loss_type=cfg.loss_type,

@@ -87,7 +87,7 @@ def run(
             del model
     tables = {k: score(v, held_out, composite) for k, v in trajectories.items()}
 
-    kl = policy_kl(trained, base, trajectories["trained"], tokenizer.pad_token_id)
+    kl = policy_kl(trained, base, trajectories["trained"], tokenizer.pad_token_id, rollout.temperature)
     verdicts = {}
     for other in [k for k in tables if k != "trained"]:
         verdicts[f"vs_{other}"] = win_rate([])

@@ -9,10 +9,13 @@ merged policy to `paths.policy`, `paths.metrics`/train.json and the per-step cur
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pandas as pd
 
 from grpo import scenarios
-from grpo.io import atomic_path, write_json
+from grpo.io import atomic_path, tree_sha256, write_json
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig
@@ -36,6 +39,15 @@ def run(
     env = ConversationEnvironment(tokenizer, rollout)
     composite = load_composite(reward, paths.calibration, paths.reward_model, encoder, model.device.type)
 
+    # A checkpoint resumes only the same run: the same config, scenarios and rollout (the trainer
+    # adds those), reward settings, calibration, reward model and base model.
+    fingerprint = {
+        "reward": reward.model_dump(),
+        "encoder": encoder,
+        **{f"sha256.{k}": tree_sha256(getattr(paths, k)) for k in ("base_model", "reward_model")},
+        "sha256.calibration": hashlib.sha256(Path(paths.calibration).read_bytes()).hexdigest(),
+    }
+
     def log_step(step: int, row: dict) -> None:
         log_metrics(row, step)
 
@@ -43,11 +55,28 @@ def run(
         from grpo.trl_backend import train_trl
 
         model, history = train_trl(
-            model, tokenizer, train_set, composite, env, config, model.device.type, log_step, paths.checkpoints
+            model,
+            tokenizer,
+            train_set,
+            composite,
+            env,
+            config,
+            model.device.type,
+            log_step,
+            paths.checkpoints,
+            fingerprint,
         )
     else:
         model, history = train(
-            model, tokenizer, train_set, composite, env, config, on_step=log_step, checkpoint_dir=paths.checkpoints
+            model,
+            tokenizer,
+            train_set,
+            composite,
+            env,
+            config,
+            on_step=log_step,
+            checkpoint_dir=paths.checkpoints,
+            fingerprint=fingerprint,
         )
     merged = model.merge_and_unload()
     with atomic_path(paths.policy, is_dir=True) as tmp:

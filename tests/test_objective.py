@@ -57,11 +57,101 @@ def test_aggregation_formulas():
     assert aggregate(loss, mask, "bnpo", 2, 4, 5).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "dapo", 2, 4, 5).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "dr_grpo", 2, 4, 5).item() == pytest.approx(10 / (2 * 5))
-    # micro-batches sum to the whole-batch loss
+    # micro-batches sum to the whole-batch loss, except bnpo: each by its own token count, as TRL
     parts = sum(aggregate(loss[i : i + 1], mask[i : i + 1], "grpo", 2, 4, 5) for i in range(2))
     assert parts.item() == pytest.approx(3.0)
+    bnpo = sum(aggregate(loss[i : i + 1], mask[i : i + 1], "bnpo", 2, 4, 5, n_micro=2) for i in range(2))
+    assert bnpo.item() == pytest.approx((6 / 3 + 4 / 1) / 2)
     with pytest.raises(ValueError):
         aggregate(loss, mask, "nope", 2, 4, 5)
+
+
+class StubTRL:
+    """Just what TRL 1.16's ``GRPOTrainer._compute_loss`` reads, so that its own code computes the
+    loss on our tensors (per-token log-probs are handed in instead of computed by a model)."""
+
+    def __init__(self, logp, loss_type, level, beta, bias_correction, accumulation, max_len):
+        from types import SimpleNamespace
+
+        self.logp = logp
+        self.loss_type, self.importance_sampling_level, self.beta = loss_type, level, beta
+        self.epsilon_low, self.epsilon_high = 0.2, 0.28
+        self.args = SimpleNamespace(
+            use_bias_correction_kl=bias_correction, delta=None, steps_per_generation=accumulation
+        )
+        self.current_gradient_accumulation_steps, self.max_completion_length = accumulation, max_len
+        self.top_entropy_quantile, self.off_policy_mask_threshold = 1.0, None
+        self.use_vllm = self.vllm_importance_sampling_correction = False
+        self.aux_loss_enabled = self._entropy_bonus_enabled = False
+        self.model = SimpleNamespace(training=True)
+        self.accelerator = SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x)
+        from collections import defaultdict
+
+        self._metrics = {"train": defaultdict(list)}
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **_):
+        return self.logp, torch.zeros_like(self.logp), None
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta,bias_correction", [(0.0, True), (0.1, True), (0.1, False)])
+def test_loss_and_gradient_equal_trls_own_compute_loss(loss_type, level, beta, bias_correction):
+    """Two micro-batches (TRL: two accumulation steps) of the same tensors through TRL's function
+    and ours: the losses and the gradients with respect to the log-probs match."""
+    from trl import GRPOTrainer
+
+    torch.manual_seed(0)
+    B, T, max_len = 3, 5, 6
+    logp_all = (-torch.rand(2 * B, T) * 3).requires_grad_()
+    old = logp_all.detach() + 0.3 * torch.randn(2 * B, T)  # ratios away from 1: clipping happens
+    ref = logp_all.detach() + 0.5 * torch.randn(2 * B, T)
+    adv = torch.randn(2 * B)
+    mask = (torch.rand(2 * B, T) > 0.3).long()
+    mask[:, 0] = 1
+    n_tokens = int(mask.sum())
+    ours = theirs = 0.0
+    for part in (slice(0, B), slice(B, 2 * B)):
+        loss_tok, *_ = per_token_loss(
+            logp_all[part], old[part], adv[part], 0.2, 0.28, ref[part], beta, mask[part], level, bias_correction
+        )
+        ours = ours + aggregate(loss_tok, mask[part], loss_type, 2 * B, n_tokens, max_len, n_micro=2)
+        stub = StubTRL(logp_all[part], loss_type, level, beta, bias_correction, 2, max_len)
+        inputs = {
+            "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+            "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+            "completion_ids": torch.zeros(B, T, dtype=torch.long),
+            "completion_mask": mask[part],
+            "advantages": adv[part],
+            "old_per_token_logps": old[part],
+            "ref_per_token_logps": ref[part],
+            "num_items_in_batch": torch.tensor(float(n_tokens)),
+        }
+        theirs = theirs + GRPOTrainer._compute_loss(stub, None, inputs)
+    (grad_ours,) = torch.autograd.grad(ours, logp_all, retain_graph=True)
+    (grad_theirs,) = torch.autograd.grad(theirs, logp_all)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-7)
+    assert torch.allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_log_probs_are_the_sampling_distributions_at_the_temperature(tiny_model):
+    """At T != 1 the log-prob the trainer gives a sampled token is the one the sampler drew it with
+    (generate's scores are its logits after the temperature; top-k and top-p off)."""
+    from grpo.objective import token_logprobs
+
+    torch.manual_seed(0)
+    prompt = torch.tensor([[1, 5, 9, 14]])
+    out = tiny_model.generate(
+        prompt, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6,
+        output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+    )  # fmt: skip
+    new = out.sequences[0, prompt.shape[1] :]
+    sampled = torch.stack([s[0].log_softmax(-1)[t] for s, t in zip(out.scores, new, strict=True)])
+    attn = torch.ones_like(out.sequences)
+    ours = token_logprobs(tiny_model, out.sequences, attn, start=prompt.shape[1], temperature=0.7)[0]
+    assert torch.allclose(ours, sampled, atol=1e-5)
+    raw = token_logprobs(tiny_model, out.sequences, attn, start=prompt.shape[1])[0]
+    assert (raw - sampled).abs().max() > 1e-3  # what the trainer used to score: another distribution
 
 
 def test_token_logprobs_from_start_equal_the_full_computation(tiny_model):
@@ -100,11 +190,23 @@ def test_turn_returns_discount_what_each_turn_added():
     assert turn_returns([0.2, 0.5, 0.4], 1.0)[0] == pytest.approx(0.4)  # gamma 1: the first turn gets the whole reward
 
 
-def test_turn_advantages_normalise_within_groups_and_count_flat_ones():
-    adv, zero = turn_advantages([[1.0, 0.0], [3.0], [2.0, 2.0], [2.0]], group_size=2)
-    flat = torch.tensor([1.0, 0.0, 3.0])
-    assert adv[0] + adv[1] == pytest.approx(((flat - flat.mean()) / (flat.std() + 1e-4)).tolist())
-    assert adv[2:] == [[0.0, 0.0], [0.0]] and zero == 1
+def test_turn_advantages_centre_and_scale_each_turn_index_within_its_group():
+    # group 1: turn-0 returns 1 and 3, turn-1 returns 0 and 4; group 2: identical episodes
+    adv, zero = turn_advantages([[1.0, 0.0], [3.0, 4.0], [2.0, 2.0], [2.0, 2.0]], group_size=2)
+    s0, s1 = torch.tensor([1.0, 3.0]).std().item(), torch.tensor([0.0, 4.0]).std().item()
+    assert adv[0] == pytest.approx([-1 / (s0 + 1e-4), -2 / (s1 + 1e-4)])
+    assert adv[1] == pytest.approx([1 / (s0 + 1e-4), 2 / (s1 + 1e-4)])
+    assert adv[2:] == [[0.0, 0.0], [0.0, 0.0]] and zero == 1  # identical episodes: 0, counted
+
+
+def test_turn_advantages_of_identical_multi_turn_episodes_are_zero():
+    """One mean over all (episode, turn) returns gave these +0.94 and -0.94."""
+    returns = [turn_returns([0.2, 0.5], 0.9)] * 4
+    adv, zero = turn_advantages(returns, group_size=4)
+    assert adv == [[0.0, 0.0]] * 4 and zero == 1
+    # a turn only one episode reached has nothing to compare with: 0
+    adv, _ = turn_advantages([[1.0, 0.5], [2.0]], group_size=2, scale="none")
+    assert adv == [[-0.5, 0.0], [0.5]]
 
 
 def test_token_level_advantages_match_sequence_level_when_constant():

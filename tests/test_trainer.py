@@ -94,7 +94,16 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tm
         raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
         return raw, {"length": raw}
 
-    cfg = GRPOConfig(steps=4, scenarios_per_step=1, group_size=3, lora_r=2, checkpoint_every=2, learning_rate=1e-2)
+    cfg = GRPOConfig(
+        steps=4,
+        scenarios_per_step=1,
+        group_size=3,
+        lora_r=2,
+        checkpoint_every=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",  # its state must come back too
+        weight_decay=0.1,
+    )
     full, _ = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, checkpoint_dir=str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()  # removed once training completes
 
@@ -125,6 +134,53 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tm
     a, b = full.state_dict(), resumed.state_dict()
     lora = [k for k in a if "lora_" in k]
     assert lora and all(torch.allclose(a[k], b[k], atol=1e-6) for k in lora)
+
+
+def test_a_changed_rollout_or_fingerprint_does_not_resume_a_checkpoint(tokenizer, tmp_path):
+    """The checkpoint names its run: config, scenarios, rollout settings and the caller's
+    fingerprint (the stage's: reward settings, calibration, reward and base model hashes)."""
+    from grpo.models import tiny_causal_lm
+
+    def reward(convs, scen):
+        raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
+        return raw, {"length": raw}
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_2(step, row):
+        if step == 2:
+            raise Killed
+
+    cfg = GRPOConfig(steps=2, scenarios_per_step=1, group_size=2, lora_r=2, checkpoint_every=1)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
+    ckpt = str(tmp_path / "ckpt")
+    for changed_env, fingerprint in [
+        (ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4, temperature=0.5)), {"a": 1}),
+        (env, {"a": 2}),
+    ]:
+        with pytest.raises(Killed):
+            train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, kill_at_2, ckpt, {"a": 1})
+        steps = []
+        train(
+            tiny_causal_lm(tokenizer),
+            tokenizer,
+            SCEN,
+            reward,
+            changed_env,
+            cfg,
+            lambda s, r, seen=steps: seen.append(s),
+            ckpt,
+            fingerprint,
+        )
+        assert steps == [1, 2]
+
+
+def test_config_warns_about_gspo_settings_that_do_not_do_what_they_say():
+    assert GRPOConfig().warnings() == []
+    warned = GRPOConfig(importance_sampling_level="sequence", loss_type="dapo").warnings()
+    assert len(warned) == 2 and "loss_type dapo" in warned[0] and "3e-4" in warned[1]
+    assert GRPOConfig(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4).warnings() == []
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tokenizer, tmp_path):
@@ -258,6 +314,23 @@ def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_pat
         tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", lambda s, r: steps.append(s), str(tmp_path)
     )
     assert steps == [2, 3] and [r["step"] for r in history] == [1, 2, 3]
+    with pytest.raises(Killed):  # killed again; then a run with other settings starts from scratch
+        train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", kill_at_2, str(tmp_path))
+    steps = []
+    other = {"sha256.calibration": "another"}
+    train_trl(
+        tiny_causal_lm(tokenizer),
+        tokenizer,
+        SCEN,
+        reward,
+        env,
+        cfg,
+        "cpu",
+        lambda s, r: steps.append(s),
+        str(tmp_path),
+        other,
+    )
+    assert steps == [1, 2, 3]
     assert not tmp_path.exists()  # removed once training completes
 
 
