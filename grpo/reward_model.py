@@ -246,7 +246,7 @@ class RewardModel:
         d = Path(model_dir)
         meta = json.loads((d / "reward_model.json").read_text())
         rm = cls.create(str(d / "encoder"), meta["hidden"], meta["max_tokens"], device=device)
-        rm.head.load_state_dict(torch.load(d / "head.pt", map_location=device))
+        rm.head.load_state_dict(torch.load(d / "head.pt", map_location=device, weights_only=True))
         rm.target_mean, rm.target_std = meta["target_mean"], meta["target_std"]
         return rm
 

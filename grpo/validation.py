@@ -23,8 +23,17 @@ class ValidationFailed(ValueError):
         lines = [f"scenario validation failed: {report['failed']} of {report['evaluated']} expectations"]
         for f in report["failures"]:
             ids = f["ids"][:10] + (["..."] if len(f["ids"]) > 10 else [])
-            lines.append(f"  - {f['expectation']} on {f['column']!r}: ids {ids} (from {', '.join(f['files'][:5])})")
+            values = f" values {f['values'][:5]}" if f.get("values") else ""
+            lines.append(
+                f"  - {f['expectation']} on {f['column']!r}:{values} ids {ids} (from {', '.join(f['files'][:5])})"
+            )
         super().__init__("\n".join(lines))
+
+
+def clip(value, limit: int = 200) -> str:
+    """A bad value as an error message shows it: at most ``limit`` characters."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def derived_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -62,7 +71,10 @@ def validate(df: pd.DataFrame, suite_path: str | Path) -> dict:
         rows = r.result.get("unexpected_index_list") or []
         ids = sorted({str(x["id"]) if isinstance(x, dict) else str(data.iloc[x]["id"]) for x in rows})
         files = sorted(set(data.loc[data["id"].astype(str).isin(ids), "source"].str.split("#").str[0])) if ids else []
-        failures.append({"expectation": cfg.type, "column": cfg.kwargs.get("column"), "ids": ids, "files": files})
+        values = list(dict.fromkeys(clip(v) for v in r.result.get("unexpected_list") or []))
+        failures.append(
+            {"expectation": cfg.type, "column": cfg.kwargs.get("column"), "ids": ids, "files": files, "values": values}
+        )
     report = {
         "suite": str(suite_path),
         "success": bool(result.success),

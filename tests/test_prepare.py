@@ -66,7 +66,7 @@ BROKEN = {
     "duplicate id": (
         "bad.yaml",
         v2({**GOOD, "id": "cs-late-order"}),
-        ["expect_column_values_to_be_unique", "cs-late-order", "bad.yaml"],
+        ["expect_column_values_to_be_unique", "values [", "'cs-late-order'", "bad.yaml"],
     ),
     "empty turn": ("bad.yaml", v2({**GOOD, "followups": ["   "]}), ["min_turn_chars", "x-new", "bad.yaml"]),
     "unresolved tool": (
@@ -81,6 +81,7 @@ BROKEN = {
         ["max_turn_chars", "x-new", "bad.yaml"],
     ),
     "empty file": ("bad.yaml", "", ["bad.yaml", "file is empty"]),
+    "unknown domain": ("bad.yaml", v2({**GOOD, "domain": "space_travel"}), ["bad.yaml", "x-new", "'space_travel'"]),
     "old schema": ("bad.yaml", yaml.safe_dump([GOOD]), ["bad.yaml", "schema version 1", "Migrate"]),
 }
 
@@ -100,6 +101,7 @@ def test_broken_input_is_rejected_by_name_and_nothing_is_lost(project, case):
         run_stage("prepare", params)
     for part in expected:
         assert part in str(e.value), (part, str(e.value)[:2000])
+    assert len(str(e.value)) < 3000  # a bad value is echoed clipped, never whole (the 10 MB case)
     assert_untouched(root)
 
 
