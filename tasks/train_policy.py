@@ -10,6 +10,7 @@ merged policy to `paths.policy`, `paths.metrics`/train.json and the per-step cur
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -51,33 +52,22 @@ def run(
     def log_step(step: int, row: dict) -> None:
         log_metrics(row, step)
 
+    fit = train
     if config.backend == "trl":
         from grpo.trl_backend import train_trl
 
-        model, history = train_trl(
-            model,
-            tokenizer,
-            train_set,
-            composite,
-            env,
-            config,
-            model.device.type,
-            log_step,
-            paths.checkpoints,
-            fingerprint,
-        )
-    else:
-        model, history = train(
-            model,
-            tokenizer,
-            train_set,
-            composite,
-            env,
-            config,
-            on_step=log_step,
-            checkpoint_dir=paths.checkpoints,
-            fingerprint=fingerprint,
-        )
+        fit = partial(train_trl, device=model.device.type)
+    model, history = fit(
+        model,
+        tokenizer,
+        train_set,
+        composite,
+        env,
+        config,
+        on_step=log_step,
+        checkpoint_dir=paths.checkpoints,
+        fingerprint=fingerprint,
+    )
     merged = model.merge_and_unload()
     with atomic_path(paths.policy, is_dir=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

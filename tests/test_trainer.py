@@ -13,6 +13,24 @@ SCEN = [
 ]
 
 
+def last_reply_length(convs, scen):
+    """A reward that varies: the length of each conversation's last reply."""
+    raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
+    return raw, {"length": raw}
+
+
+class Killed(Exception):
+    """Stands for a kill: raised from on_step, after the step's checkpoint is written."""
+
+
+def kill_at(step: int):
+    def on_step(s, row):
+        if s == step:
+            raise Killed
+
+    return on_step
+
+
 def test_config_rejects_unknown_and_invalid_params():
     with pytest.raises(ValueError, match="bogus"):
         GRPOConfig(bogus=1)
@@ -90,9 +108,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tm
 
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=5))
 
-    def reward(convs, scen):
-        raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
-        return raw, {"length": raw}
+    reward = last_reply_length
 
     cfg = GRPOConfig(
         steps=4,
@@ -107,16 +123,11 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tm
     full, _ = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, checkpoint_dir=str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()  # removed once training completes
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, row):
-        if step == 3:
-            raise Killed
-
     ckpt = tmp_path / "b"
     with pytest.raises(Killed):
-        train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, on_step=kill_at_3, checkpoint_dir=str(ckpt))
+        train(
+            tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, on_step=kill_at(3), checkpoint_dir=str(ckpt)
+        )
     saved = torch.load(ckpt / "checkpoint.pt", weights_only=True)  # no pickle needed
     assert saved["step"] == 2 and saved["optimizer"]["state"]
     steps = []
@@ -141,16 +152,7 @@ def test_a_changed_rollout_or_fingerprint_does_not_resume_a_checkpoint(tokenizer
     fingerprint (the stage's: reward settings, calibration, reward and base model hashes)."""
     from grpo.models import tiny_causal_lm
 
-    def reward(convs, scen):
-        raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
-        return raw, {"length": raw}
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_2(step, row):
-        if step == 2:
-            raise Killed
+    reward = last_reply_length
 
     cfg = GRPOConfig(steps=2, scenarios_per_step=1, group_size=2, lora_r=2, checkpoint_every=1)
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
@@ -160,7 +162,7 @@ def test_a_changed_rollout_or_fingerprint_does_not_resume_a_checkpoint(tokenizer
         (env, {"a": 2}),
     ]:
         with pytest.raises(Killed):
-            train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, kill_at_2, ckpt, {"a": 1})
+            train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, kill_at(2), ckpt, {"a": 1})
         steps = []
         train(
             tiny_causal_lm(tokenizer),
@@ -294,20 +296,11 @@ def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_pat
 
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
 
-    def reward(convs, scen):
-        raw = np.array([len(c[-1]["content"]) for c in convs], dtype=float)
-        return raw, {"length": raw}
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_2(step, row):
-        if step == 2:
-            raise Killed
+    reward = last_reply_length
 
     cfg = GRPOConfig(steps=3, scenarios_per_step=1, group_size=2, lora_r=2, checkpoint_every=1, backend="trl")
     with pytest.raises(Killed):
-        train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", kill_at_2, str(tmp_path))
+        train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", kill_at(2), str(tmp_path))
     assert (tmp_path / "checkpoint-1" / "optimizer.pt").exists()
     steps = []
     _, history = train_trl(
@@ -315,7 +308,7 @@ def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_pat
     )
     assert steps == [2, 3] and [r["step"] for r in history] == [1, 2, 3]
     with pytest.raises(Killed):  # killed again; then a run with other settings starts from scratch
-        train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", kill_at_2, str(tmp_path))
+        train_trl(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, cfg, "cpu", kill_at(2), str(tmp_path))
     steps = []
     other = {"sha256.calibration": "another"}
     train_trl(
