@@ -79,9 +79,23 @@ def load_causal_lm(spec: str, device: str | torch.device = "cpu", dtype: torch.d
     return model.to(device)
 
 
+def policy_dtype(device: torch.device) -> torch.dtype:
+    """bf16 weights on a GPU that supports them (half the memory and traffic), else fp32. Log-probs
+    for the loss are taken in fp32 either way (grpo/objective.py ``token_logprobs``)."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the fp32 LoRA adapters then run in bf16 too); off on the CPU, where
+    the weights stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def load_policy(spec: str, device: str = "auto") -> tuple:
-    """``(model, tokenizer)`` of the policy named by ``spec``, on ``device`` (see :func:`pick_device`)."""
-    return load_causal_lm(spec, pick_device(device)), load_tokenizer(spec)
+    """``(model, tokenizer)`` of the policy named by ``spec``, on ``device`` (see :func:`pick_device`),
+    in :func:`policy_dtype`."""
+    where = pick_device(device)
+    return load_causal_lm(spec, where, policy_dtype(where)), load_tokenizer(spec)
 
 
 def materialise(spec: str, out_dir: str | Path) -> dict:

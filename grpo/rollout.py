@@ -15,6 +15,10 @@ the episode by writing DONE. Episodes end after ``max_turns`` agent turns.
 
 All active conversations of all groups are generated in one batched ``generate`` call per agent
 turn, and the LLM user's replies in one more; nothing loops over trajectories one by one.
+
+Given ``seeds`` (one per trajectory), each row samples from its own random stream
+(:class:`RowSampler`), so an episode depends on its seed alone, not on the rows that share its
+batch: the trainer's episodes are then the same in one process and split over several.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from grpo.config import Config
 from grpo.scenarios import Scenario
@@ -136,6 +142,30 @@ def user_prompt(scenario: Scenario, messages: list[dict]) -> list[dict]:
     ]
 
 
+def row_seed(*keys: int) -> int:
+    """A seed for one row's random stream, derived from integer keys (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+class RowSampler(LogitsProcessor):
+    """Sampling at ``temperature`` and ``top_p`` with one random stream per row, under greedy
+    decoding by the Gumbel-max trick: argmax(logits / T - log E) with E ~ Exp(1), drawn from the
+    row's own generator, is a sample of softmax(logits / T). transformers' sampler draws one stream
+    for the whole batch, so a row's tokens there depend on which rows share its batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        noise = torch.stack([torch.empty(scores.shape[1]).exponential_(generator=g) for g in self.generators])
+        return scores - noise.log().to(scores.device)
+
+
 class ConversationEnvironment:
     """Runs episodes of up to ``max_turns`` agent turns against each scenario's user and tools."""
 
@@ -158,9 +188,15 @@ class ConversationEnvironment:
 
     @torch.no_grad()
     def generate(
-        self, model, prompts: list[list[int]], do_sample: bool = True, max_new_tokens: int | None = None
+        self,
+        model,
+        prompts: list[list[int]],
+        do_sample: bool = True,
+        max_new_tokens: int | None = None,
+        seeds: list[int] | None = None,
     ) -> list[list[int]]:
-        """One batched generate call; returns each row's new tokens up to and including eos."""
+        """One batched generate call; returns each row's new tokens up to and including eos. With
+        ``seeds`` (and ``do_sample``), each row samples from its own stream (:class:`RowSampler`)."""
         device = next(model.parameters()).device
         width = max(map(len, prompts))
         pad = self.tok.pad_token_id
@@ -169,14 +205,18 @@ class ConversationEnvironment:
         for i, p in enumerate(prompts):  # left padding
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
+        per_row = do_sample and seeds is not None
+        sampling = {"do_sample": do_sample and not per_row}
+        if per_row:
+            sampler = RowSampler(seeds, self.config.temperature, self.config.top_p)
+            sampling["logits_processor"] = LogitsProcessorList([sampler])
+        elif do_sample:
+            sampling.update(temperature=self.config.temperature, top_p=self.config.top_p, top_k=0)
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens or self.config.max_new_tokens,
-            do_sample=do_sample,
-            temperature=self.config.temperature if do_sample else None,
-            top_p=self.config.top_p if do_sample else None,
-            top_k=0 if do_sample else None,
+            **sampling,
             pad_token_id=pad,
             eos_token_id=self.tok.eos_token_id,
         )[:, width:].tolist()
@@ -193,22 +233,30 @@ class ConversationEnvironment:
         t.messages.append({"role": role, "content": content})
 
     def llm_user_replies(
-        self, model, trajs: list[Trajectory], scen: list[Scenario], do_sample: bool
+        self, model, trajs: list[Trajectory], scen: list[Scenario], do_sample: bool, seeds: list[int] | None = None
     ) -> list[str | None]:
         """One batched generation of the LLM user's next messages; None where it wrote DONE. When
         the user model is the PEFT policy itself, it speaks with the adapter disabled (the base)."""
         prompts = [encode(self.tok, render(self.tok, user_prompt(s, t.messages), True)) for t, s in zip(trajs, scen)]
         off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with off:
-            out = self.generate(model, prompts, do_sample, self.config.user_max_tokens)
+            out = self.generate(model, prompts, do_sample, self.config.user_max_tokens, seeds)
         texts = [self.decode(o) for o in out]
         return [None if not x or x.upper().startswith("DONE") else x for x in texts]
 
     def rollout(
-        self, model, scenarios: list[Scenario], group_size: int, do_sample: bool = True, user_model=None
+        self,
+        model,
+        scenarios: list[Scenario],
+        group_size: int,
+        do_sample: bool = True,
+        user_model=None,
+        seeds: list[int] | None = None,
     ) -> list[Trajectory]:
         """``group_size`` episodes per scenario; trajectory ``i`` belongs to group ``i // group_size``.
-        ``user_model`` plays the LLM user (default: ``model``, with its adapter disabled if it has one)."""
+        ``user_model`` plays the LLM user (default: ``model``, with its adapter disabled if it has one).
+        ``seeds``, one per trajectory, give each episode its own random streams (one per turn and
+        speaker), independent of the batch."""
         was_training = model.training
         model.eval()
         trajs = [self.start(s, g) for g, s in enumerate(scenarios) for _ in range(group_size)]
@@ -218,11 +266,17 @@ class ConversationEnvironment:
         done = [False] * len(trajs)
         eos = self.tok.eos_token_id
         t0, generated = time.perf_counter(), 0
+
+        def turn_seeds(rows: list[int], turn: int, speaker: int) -> list[int] | None:
+            return None if seeds is None else [row_seed(seeds[i], turn, speaker) for i in rows]
+
         for turn in range(self.config.max_turns):
             active = [i for i in range(len(trajs)) if not done[i]]
             if not active:
                 break
-            new = self.generate(model, [trajs[i].input_ids for i in active], do_sample)
+            new = self.generate(
+                model, [trajs[i].input_ids for i in active], do_sample, None, turn_seeds(active, turn, 0)
+            )
             waiting = []  # trajectories whose agent turn ended without a tool call: the user speaks
             for i, toks in zip(active, new):
                 t = trajs[i]
@@ -248,7 +302,11 @@ class ConversationEnvironment:
                     waiting.append(i)
             if self.config.user == "llm" and waiting:
                 answers = self.llm_user_replies(
-                    user_model or model, [trajs[i] for i in waiting], [scen[i] for i in waiting], do_sample
+                    user_model or model,
+                    [trajs[i] for i in waiting],
+                    [scen[i] for i in waiting],
+                    do_sample,
+                    turn_seeds(waiting, turn, 1),
                 )
             else:
                 answers = [

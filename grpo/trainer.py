@@ -2,12 +2,22 @@
 
 Hand-written rather than TRL's GRPOTrainer because it offers what TRL does not: per-turn credit,
 the leave-one-out baseline, skipping (and counting) updates with a non-finite gradient, and a
-loop a researcher can read top to bottom. ``backend: trl`` runs the same multi-turn episodes
-through TRL's trainer (grpo/trl_backend.py), as the ecosystem path and a reference.
+loop a researcher can read top to bottom.
+
+Under torchrun (``distributed.world_size`` > 1, grpo/distributed.py) each rank rolls out and
+scores its share of the step's groups (whole groups: ``scenarios_per_step`` divides by the world
+size), the step's rewards are gathered so every rank computes the same advantages, and PyTorch DDP
+all-reduces the LoRA gradients. Each episode samples from its own seeded stream
+(grpo/rollout.py ``RowSampler``) and the loss is normalised by whole-step counts, so N processes
+take the same steps as one, up to float rounding. Only rank 0 logs, checkpoints and shows progress.
+
+``backend: trl`` runs the same multi-turn episodes through TRL's trainer (grpo/trl_backend.py), as
+the ecosystem path and a reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -21,13 +31,16 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from pydantic import Field, model_validator
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from grpo import checkpoint
+from grpo import checkpoint, distributed
 from grpo.config import Config
+from grpo.distributed import DistributedConfig
+from grpo.models import autocast
 from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
-from grpo.rollout import ConversationEnvironment, Trajectory
+from grpo.rollout import ConversationEnvironment, Trajectory, row_seed
 from grpo.scenarios import Scenario
 
 log = logging.getLogger(__name__)
@@ -65,10 +78,21 @@ class GRPOConfig(Config):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 disables them")
     turn_credit: bool = Field(False, description="each agent turn's tokens get their own discounted return")
     turn_gamma: float = Field(0.9, ge=0, le=1, description="discount of later turns' contributions (turn_credit)")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     seed: int = 0
 
     @model_validator(mode="after")
     def _compatible(self) -> GRPOConfig:
+        n = self.distributed.world_size
+        if self.scenarios_per_step % n:
+            raise ValueError(
+                f"scenarios_per_step {self.scenarios_per_step} must divide by distributed.world_size {n}: "
+                "each rank rolls out whole groups"
+            )
+        if self.distributed.strategy == "deepspeed" and self.backend != "trl":
+            raise ValueError(
+                "distributed.strategy deepspeed runs through TRL and accelerate: set backend: trl, or strategy: ddp"
+            )
         if self.turn_credit and self.importance_sampling_level == "sequence":
             raise ValueError(
                 "turn_credit gives each turn its own advantage; it cannot be combined with "
@@ -154,14 +178,12 @@ def cut_after_turn(messages: list[dict], k: int) -> list[dict]:
     return messages
 
 
-def turn_credit_advantages(
+def turn_credit_returns(
     trajs: list[Trajectory], batch: list[Scenario], totals: list, reward_fn: Callable, cfg: GRPOConfig
-):
-    """Per-turn advantages: each group's conversations are scored cut after each agent turn, the
-    increments discounted into per-turn returns (:func:`grpo.objective.turn_returns`) and
-    normalised within the group. Cut after the group's last turn they are whole, so their scores
-    are the group's ``totals``, already computed. Returns ``(advantages per trajectory per turn,
-    zero_std_groups)``."""
+) -> list[list[float]]:
+    """Per-turn returns: each group's conversations are scored cut after each agent turn and the
+    increments discounted (:func:`grpo.objective.turn_returns`). Cut after the group's last turn
+    they are whole, so their scores are the group's ``totals``, already computed."""
     returns = []
     for g, scen in enumerate(batch):
         group = trajs[g * cfg.group_size : (g + 1) * cfg.group_size]
@@ -173,7 +195,7 @@ def turn_credit_advantages(
                 if t.turns >= k:
                     prefix[i].append(float(scores[i]))
         returns += [turn_returns(p, cfg.turn_gamma) for p in prefix]
-    return turn_advantages(returns, cfg.group_size, cfg.scale_rewards)
+    return returns
 
 
 def token_advantages(
@@ -192,15 +214,20 @@ def token_advantages(
     return out[:, start:].to(device)
 
 
-def sample(model, scenarios: list[Scenario], order: list[int], env: ConversationEnvironment, cfg: GRPOConfig):
+def sample(
+    model, scenarios: list[Scenario], order: list[int], env: ConversationEnvironment, cfg: GRPOConfig, step: int
+):
     """The step's scenarios, taken from the seeded cycling ``order`` (consumed in place, refilled
-    with a fresh shuffle when short), each rolled out ``group_size`` times. Returns
-    ``(batch, trajectories, generation stats)``."""
+    with a fresh shuffle when short; the same on every rank); this rank's share of them, each
+    rolled out ``group_size`` times, every episode from its own stream seeded by (seed, step, group,
+    member). Returns ``(this rank's scenarios, their trajectories, generation stats)``."""
     if len(order) < cfg.scenarios_per_step:
         order += random.sample(range(len(scenarios)), len(scenarios))
     batch = [scenarios[order.pop(0)] for _ in range(cfg.scenarios_per_step)]
-    trajs = env.rollout(model, batch, cfg.group_size)
-    return batch, trajs, dict(env.stats)
+    groups = distributed.shard(list(range(len(batch))))
+    seeds = [row_seed(cfg.seed, step, g, j) for g in groups for j in range(cfg.group_size)]
+    trajs = env.rollout(model, [batch[g] for g in groups], cfg.group_size, seeds=seeds)
+    return [batch[g] for g in groups], trajs, dict(env.stats)
 
 
 def score(trajs: list[Trajectory], batch: list[Scenario], reward_fn: Callable, cfg: GRPOConfig):
@@ -215,16 +242,51 @@ def score(trajs: list[Trajectory], batch: list[Scenario], reward_fn: Callable, c
     return totals, comps
 
 
-def advantages(
-    trajs: list[Trajectory], batch: list[Scenario], totals: list[torch.Tensor], reward_fn: Callable, cfg: GRPOConfig
-):
-    """Group-relative advantages, one per trajectory, or with ``turn_credit`` one per agent turn.
-    Returns ``(all advantages as one flat tensor, per-turn advantages or None, zero-std groups)``."""
+@dataclass
+class Step:
+    """The whole step's rollouts and scores, every rank's in rank order (one process: its own)."""
+
+    trajs: list[Trajectory]
+    totals: list[torch.Tensor]  # one per group
+    comps: dict[str, list[float]]
+    returns: list[list[float]] | None  # per-turn returns (turn_credit)
+    gen_stats: dict
+
+
+def gather_step(trajs, totals, comps, returns, gen_stats) -> Step:
+    """Every rank's share of the step, so that advantages and metrics see all of it."""
+    parts = distributed.all_gather((trajs, [t.tolist() for t in totals], comps, returns, gen_stats))
+    merged: dict[str, list[float]] = {}
+    for _, _, c, _, _ in parts:
+        for k, v in c.items():
+            merged.setdefault(k, []).extend(v)
+    stats = [p[4] for p in parts]
+    seconds = max(s["gen_seconds"] for s in stats)  # the ranks generate at the same time
+    tokens = sum(s["gen_tokens"] for s in stats)
+    return Step(
+        trajs=[t for p in parts for t in p[0]],
+        totals=[torch.tensor(t, dtype=torch.float32) for p in parts for t in p[1]],
+        comps=merged,
+        returns=[r for p in parts for r in p[3]] if returns is not None else None,
+        gen_stats={
+            "gen_tokens": tokens,
+            "gen_seconds": seconds,
+            "gen_tokens_per_s": tokens / max(seconds, 1e-9),
+            "tool_calls": sum(s["tool_calls"] for s in stats),
+            "tool_errors": sum(s["tool_errors"] for s in stats),
+        },
+    )
+
+
+def advantages(whole: Step, cfg: GRPOConfig):
+    """Group-relative advantages of the whole step, one per trajectory, or with ``turn_credit`` one
+    per agent turn. Returns ``(all advantages as one flat tensor, per-turn advantages or None,
+    zero-std groups)``."""
     if cfg.turn_credit:
-        per_turn, zero_std = turn_credit_advantages(trajs, batch, totals, reward_fn, cfg)
+        per_turn, zero_std = turn_advantages(whole.returns, cfg.group_size, cfg.scale_rewards)
         return torch.tensor([a for ep in per_turn for a in ep]), per_turn, zero_std
     adv, zero_std = group_advantages(
-        torch.cat(totals), cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out
+        torch.cat(whole.totals), cfg.group_size, cfg.scale_rewards, leave_one_out=cfg.leave_one_out
     )
     return adv, None, zero_std
 
@@ -250,7 +312,7 @@ def micro_batches(
             a = token_advantages(part, per_turn[i : i + cfg.micro_batch_size], ids.shape[1], start, device)
         else:
             a = adv[i : i + cfg.micro_batch_size].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device):
             old = token_logprobs(model, ids, attn, start, temperature=temperature) if cfg.num_iterations > 1 else None
             ref = None
             if cfg.beta > 0:
@@ -265,7 +327,7 @@ def update(
     opt,
     scheduler,
     micro: list[MicroBatch],
-    n_tokens: int,
+    counts: tuple[int, int, int],
     max_len: int,
     step: int,
     cfg: GRPOConfig,
@@ -274,41 +336,21 @@ def update(
     """``num_iterations`` clipped-surrogate updates on the step's micro-batches, with gradient
     clipping; an update whose gradient norm is not finite is skipped (counted, never applied; the
     learning-rate schedule still advances, so it stays on the step clock). Log-probs are taken at
-    the sampling ``temperature``. Returns ``(stats, last grad norm, updates skipped)``."""
-    n_seqs = sum(len(mb.ids) for mb in micro)
+    the sampling ``temperature``. ``counts`` are the whole step's sequences, loss tokens and
+    micro-batches, over all ranks; ``model`` is DDP-wrapped under torchrun, which averages the
+    ranks' gradients, so each rank's loss is scaled by the world size to sum them. Returns
+    ``(stats over all ranks, last grad norm, updates skipped)``."""
+    ddp = isinstance(model, DistributedDataParallel)
     stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
     skipped = 0
     for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for mb in micro:
-            if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
-                logp, ent = token_logprobs(model, mb.ids, mb.attn, mb.start, entropy=True, temperature=temperature)
-                stats["entropy"] += (ent * mb.mask).sum().item() / n_tokens
-            else:
-                logp = token_logprobs(model, mb.ids, mb.attn, mb.start, temperature=temperature)
-            old_logp = mb.old_logp if mb.old_logp is not None else logp.detach()
-            loss_tok, kl, lo, hi = per_token_loss(
-                logp,
-                old_logp,
-                mb.advantages,
-                cfg.epsilon,
-                cfg.epsilon_high,
-                mb.ref_logp,
-                cfg.beta,
-                mb.mask,
-                cfg.importance_sampling_level,
-                cfg.use_bias_correction_kl,
-            )
-            loss = aggregate(loss_tok, mb.mask, cfg.loss_type, n_seqs, n_tokens, max_len, len(micro))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
-            loss.backward()
-            step_loss += loss.item()
-            m = mb.mask.bool()
-            stats["kl"] += (kl[m].sum().item() if kl is not None else 0.0) / n_tokens / cfg.num_iterations
-            stats["clip_low"] += lo[m].sum().item() / n_tokens / cfg.num_iterations
-            stats["clip_high"] += hi[m].sum().item() / n_tokens / cfg.num_iterations
+        for k, mb in enumerate(micro):
+            # DDP all-reduces the gradients once, with the last micro-batch's backward
+            accumulate = model.no_sync() if ddp and k < len(micro) - 1 else contextlib.nullcontext()
+            with accumulate:
+                step_loss += micro_loss(model, mb, it, stats, counts, max_len, step, cfg, temperature)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if math.isfinite(float(grad_norm)):
             opt.step()
@@ -317,7 +359,43 @@ def update(
             skipped += 1
             opt.zero_grad(set_to_none=True)
         scheduler.step()
-    return stats, grad_norm, skipped
+    return dict(zip(stats, distributed.all_sum(list(stats.values())), strict=True)), grad_norm, skipped
+
+
+def micro_loss(
+    model, mb: MicroBatch, it: int, stats: dict, counts: tuple[int, int, int], max_len: int, step: int, cfg, temperature
+) -> float:
+    """Forward and backward of one micro-batch's share of the step's loss (``counts``: see
+    :func:`update`); adds its entropy, KL and clip figures to ``stats``; returns its loss."""
+    n_seqs, n_tokens, n_micro = counts
+    with autocast(mb.ids.device):
+        if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
+            logp, ent = token_logprobs(model, mb.ids, mb.attn, mb.start, entropy=True, temperature=temperature)
+            stats["entropy"] += (ent * mb.mask).sum().item() / n_tokens
+        else:
+            logp = token_logprobs(model, mb.ids, mb.attn, mb.start, temperature=temperature)
+    old_logp = mb.old_logp if mb.old_logp is not None else logp.detach()
+    loss_tok, kl, lo, hi = per_token_loss(
+        logp,
+        old_logp,
+        mb.advantages,
+        cfg.epsilon,
+        cfg.epsilon_high,
+        mb.ref_logp,
+        cfg.beta,
+        mb.mask,
+        cfg.importance_sampling_level,
+        cfg.use_bias_correction_kl,
+    )
+    loss = aggregate(loss_tok, mb.mask, cfg.loss_type, n_seqs, n_tokens, max_len, n_micro)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
+    (loss * distributed.world()).backward()
+    m = mb.mask.bool()
+    stats["kl"] += (kl[m].sum().item() if kl is not None else 0.0) / n_tokens / cfg.num_iterations
+    stats["clip_low"] += lo[m].sum().item() / n_tokens / cfg.num_iterations
+    stats["clip_high"] += hi[m].sum().item() / n_tokens / cfg.num_iterations
+    return loss.item()
 
 
 def reward_metrics(rewards: torch.Tensor, comps: dict, adv: torch.Tensor, zero_std: int, n_groups: int) -> dict:
@@ -406,9 +484,15 @@ def train(
     same when ``cfg``, the scenarios, the rollout settings and ``fingerprint`` (what the caller
     knows of the rest: reward, calibration, models) are."""
     log_warnings(cfg)
+    if cfg.scenarios_per_step % distributed.world():  # torchrun started by hand (multi-node) decides the world
+        raise ValueError(f"scenarios_per_step {cfg.scenarios_per_step} must divide by the {distributed.world()} ranks")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg)
+    # under torchrun: the LoRA gradients all-reduced (the ranks' identical seeds give identical
+    # initial adapters; DDP broadcasts rank 0's anyway). The buffers (rotary tables) are constant.
+    ddp = DistributedDataParallel(model, broadcast_buffers=False) if distributed.world() > 1 else model
+    main = distributed.is_main()
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
@@ -425,33 +509,56 @@ def train(
             first, state = resumed
             order, history, skipped = state["order"], state["history"], state["skipped"]
             scheduler.load_state_dict(state["scheduler"])
-    bar = tqdm(range(first, cfg.steps), desc="GRPO", unit="step", initial=first, total=cfg.steps)
+    bar = tqdm(range(first, cfg.steps), desc="GRPO", unit="step", initial=first, total=cfg.steps, disable=not main)
     for step in bar:
         t0 = time.perf_counter()
-        # 1. sample: the step's scenarios from the seeded cycling order, group_size episodes each
-        batch, trajs, gen_stats = sample(model, scenarios, order, env, cfg)
-        # 2. score each group, 3. group-relative (or per-turn) advantages
+        # 1. sample: this rank's share of the step's scenarios, group_size episodes each
+        batch, trajs, gen_stats = sample(model, scenarios, order, env, cfg, step)
+        # 2. score each group; gather every rank's scores
         totals, comps = score(trajs, batch, reward_fn, cfg)
-        adv, per_turn, zero_std = advantages(trajs, batch, totals, reward_fn, cfg)
+        returns = turn_credit_returns(trajs, batch, totals, reward_fn, cfg) if cfg.turn_credit else None
+        whole = gather_step(trajs, totals, comps, returns, gen_stats)
+        # 3. group-relative (or per-turn) advantages of the whole step; this rank's share of them
+        # (with turn_credit the per-turn lists are used and the flat tensor only logged)
+        adv_all, per_turn_all, zero_std = advantages(whole, cfg)
+        adv, per_turn = distributed.shard(adv_all), per_turn_all and distributed.shard(per_turn_all)
         # 4. micro-batches with old-policy and reference log-probs, then the clipped-surrogate updates
         model.train()
         micro = micro_batches(model, trajs, adv, per_turn, tokenizer.pad_token_id, cfg, temperature)
-        n_tokens = sum(int(mb.mask.sum()) for mb in micro)
+        counts = distributed.all_sum([len(trajs), sum(int(mb.mask.sum()) for mb in micro), len(micro)])
+        n_seqs, n_tokens, n_micro = (int(c) for c in counts)
         t_upd = time.perf_counter()
-        stats, grad_norm, skips = update(model, opt, scheduler, micro, n_tokens, max_len, step, cfg, temperature)
+        stats, grad_norm, skips = update(
+            ddp, opt, scheduler, micro, (n_seqs, n_tokens, n_micro), max_len, step, cfg, temperature
+        )
         skipped += skips
         update_s = time.perf_counter() - t_upd
-        # 5. log, report and checkpoint
+        # 5. log, report and checkpoint (rank 0)
         row = step_metrics(
-            step, trajs, totals, comps, adv, zero_std, gen_stats, stats, grad_norm, skipped, n_tokens, update_s, t0, cfg
+            step,
+            whole.trajs,
+            whole.totals,
+            whole.comps,
+            adv_all,
+            zero_std,
+            whole.gen_stats,
+            stats,
+            grad_norm,
+            skipped,
+            n_tokens,
+            update_s,
+            t0,
+            cfg,
         )
         history.append(row)
+        if not main:
+            continue
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
         if on_step:
             on_step(step + 1, row)
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             state = {"order": order, "history": history, "skipped": skipped, "scheduler": scheduler.state_dict()}
             checkpoint.save(checkpoint_dir, step + 1, model, opt, state, run_config)
-    if checkpoint_dir:
+    if checkpoint_dir and main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return model, history

@@ -20,6 +20,12 @@ and refused here. The LoRA adapter is the native loop's (``lora_config``).
 Checkpoints are TRL's (``save_steps``: adapter, optimizer, scheduler, RNG, trainer state); a
 rerun of the same run (the native loop's fingerprint, kept in ``checkpoint_dir``) resumes from the
 last one, and ``checkpoint_dir`` is removed when training completes.
+
+Under torchrun TRL's accelerate runs the ranks: DDP, or DeepSpeed ZeRO with
+``distributed.strategy: deepspeed`` (the config is grpo/deepspeed/zero<stage>.json, its "auto"
+values filled in by transformers from the arguments here). Each rank gets whole groups (its share
+of ``scenarios_per_step``); TRL gathers the rewards for the advantages, and only rank 0 reports
+steps and writes checkpoint files of ours.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo import checkpoint
+from grpo import checkpoint, distributed
 from grpo.io import read_json, write_json
 from grpo.objective import group_advantages
 from grpo.rollout import ConversationEnvironment
@@ -89,6 +95,7 @@ def train_trl(
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
+    from trl.models.utils import unwrap_model_for_generation
 
     GRPOConfig.model_validate({**cfg.model_dump(), "backend": "trl"})  # refuses the native-only options
     log_warnings(cfg)
@@ -107,9 +114,9 @@ def train_trl(
 
     def rollout_func(prompts, trainer):
         """One trajectory per prompt row (TRL's sampler already repeats each prompt group_size times)."""
-        trajs = env.rollout(
-            trainer.accelerator.unwrap_model(trainer.model), [by_prompt[prompt_key(p)] for p in prompts], 1
-        )
+        # TRL's own context: the bare model, with ZeRO-3's partitioned weights gathered
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
+            trajs = env.rollout(policy, [by_prompt[prompt_key(p)] for p in prompts], 1)
         starts = [t.assistant_mask.index(1) for t in trajs]
         step_stats.update(
             generation_metrics(env.stats),
@@ -136,9 +143,12 @@ def train_trl(
                 out[i] = float(v)
             for k, v in raw.items():
                 components.setdefault(k, []).extend(np.asarray(v, dtype=float).tolist())
-        rewards = torch.tensor(out)
+        # every rank's, for the log (TRL gathers them too, for its advantages)
+        parts = distributed.all_gather((out, components))
+        rewards = torch.tensor([r for p in parts for r in p[0]])
+        merged = {k: [x for p in parts for x in p[1][k]] for k in components}
         adv, zero = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)  # TRL's formula, for the log
-        step_stats.update(reward_metrics(rewards, components, adv, zero, len(out) // cfg.group_size))
+        step_stats.update(reward_metrics(rewards, merged, adv, zero, len(rewards) // cfg.group_size))
         return out
 
     history: list[dict] = []
@@ -160,19 +170,20 @@ def train_trl(
             }
             clock["t"] = now
             history.append(row)
-            if on_step:
+            if on_step and distributed.is_main():
                 on_step(state.global_step, row)
 
         def on_save(self, args, state, control, **kw):  # our rows travel with TRL's checkpoint
-            write_json(f"{args.output_dir}/checkpoint-{state.global_step}/{HISTORY}", history)
+            if distributed.is_main():
+                write_json(f"{args.output_dir}/checkpoint-{state.global_step}/{HISTORY}", history)
 
-    batch = cfg.scenarios_per_step * cfg.group_size
+    batch = cfg.scenarios_per_step * cfg.group_size // distributed.world()  # this rank's rows: whole groups
     accumulate = (
         batch // cfg.micro_batch_size if cfg.micro_batch_size < batch and batch % cfg.micro_batch_size == 0 else 1
     )
     save = bool(checkpoint_dir and cfg.checkpoint_every)
     out_dir = checkpoint_dir if save else tempfile.mkdtemp(prefix="trl-grpo-")
-    if save:  # TRL resumes any checkpoint it finds: only one written by this same run may be resumed
+    if save and distributed.is_main():  # TRL resumes any checkpoint it finds: only one of this same run may be
         run = checkpoint.fingerprint(run_identity(cfg, scenarios, env, fingerprint))
         stamp = Path(out_dir, "run.fingerprint")
         if Path(out_dir).is_dir() and (not stamp.exists() or stamp.read_text() != run):
@@ -180,6 +191,11 @@ def train_trl(
             shutil.rmtree(out_dir)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         stamp.write_text(run)
+    distributed.barrier()  # the other ranks look for checkpoints once rank 0 has cleared stale ones
+    ds = cfg.distributed
+    deepspeed = (
+        str(Path(__file__).parent / f"deepspeed/zero{ds.zero_stage}.json") if ds.strategy == "deepspeed" else None
+    )
     args = TRLConfig(
         output_dir=out_dir,
         use_cpu=device == "cpu",
@@ -209,7 +225,8 @@ def train_trl(
         save_strategy="steps" if save else "no",
         save_steps=cfg.checkpoint_every or 500,
         gradient_checkpointing=False,  # TRL's default trades compute for memory; the native loop does not
-        disable_tqdm=False,
+        disable_tqdm=not distributed.is_main(),
+        deepspeed=deepspeed,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -221,10 +238,20 @@ def train_trl(
         callbacks=[Metrics()],
         rollout_func=rollout_func,
     )
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    log.info(
+        "trl backend: rank %d of %d, accelerate %s%s",
+        distributed.rank(),
+        distributed.world(),
+        trainer.accelerator.distributed_type.value,
+        f" (ZeRO stage {plugin.zero_stage})" if plugin else "",
+    )
     resume = get_last_checkpoint(out_dir) if save else None
     if resume:
         log.info("trl backend: resuming from %s", resume)
         history += read_json(Path(resume, HISTORY))
     trainer.train(resume_from_checkpoint=resume)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return trainer.model, history
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return trainer.accelerator.unwrap_model(trainer.model), history

@@ -5,6 +5,11 @@ merged policy to `paths.policy`, `paths.metrics`/train.json and the per-step cur
 `paths.plots`/train.csv. The reference policy is the base with the adapter disabled.
 `train_policy.backend` picks the native loop (grpo/trainer.py) or TRL's GRPOTrainer
 (grpo/trl_backend.py) on the same episodes.
+
+With `train_policy.distributed.world_size` N > 1 the stage starts itself again as N processes
+under torchrun (grpo/distributed.py) and waits: rank 0 writes the outputs and logs to this stage's
+MLflow run. If any rank fails, the stage fails, the outputs stay as they were, and a rerun resumes
+from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from grpo import scenarios
-from grpo.io import atomic_path, tree_sha256, write_json
+from grpo import distributed, scenarios
+from grpo.io import atomic_path, read_json, tree_sha256, write_json
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.trainer import GRPOConfig, train
 from grpo_agents.params import Paths
+from grpo_agents.stages import launch_ranks
 from mlflow_io.tracking import log_metrics
 
 
@@ -34,9 +40,16 @@ def run(
     device: str,
     paths: Paths,
 ) -> dict:
+    ranks = train_policy.distributed.world_size
+    if ranks > 1 and not distributed.is_worker():
+        sections = {"train_policy": train_policy, "rollout": rollout, "reward": reward, "seed": seed}
+        launch_ranks("train_policy", ranks, {**sections, "encoder": encoder, "device": device, "paths": paths})
+        return read_json(f"{paths.metrics}/train.json")
     config = train_policy.model_copy(update={"seed": seed})
     train_set = scenarios.from_frame(pd.read_parquet(f"{paths.prepared}/train.parquet"))
-    model, tokenizer = load_policy(paths.base_model, device)
+    where = distributed.device(device)
+    distributed.init(where)
+    model, tokenizer = load_policy(paths.base_model, str(where))
     env = ConversationEnvironment(tokenizer, rollout)
     composite = load_composite(reward, paths.calibration, paths.reward_model, encoder, model.device.type)
 
@@ -49,7 +62,7 @@ def run(
         "sha256.calibration": hashlib.sha256(Path(paths.calibration).read_bytes()).hexdigest(),
     }
 
-    def log_step(step: int, row: dict) -> None:
+    def log_step(step: int, row: dict) -> None:  # rank 0 only
         log_metrics(row, step)
 
     fit = train
@@ -68,6 +81,8 @@ def run(
         checkpoint_dir=paths.checkpoints,
         fingerprint=fingerprint,
     )
+    if not distributed.is_main():
+        return {}
     merged = model.merge_and_unload()
     with atomic_path(paths.policy, is_dir=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -88,7 +88,7 @@ def scripted(env, replies):
     """Make ``env.generate`` answer with these texts, in order, one list per batched call."""
     calls = iter(replies)
 
-    def generate(model, prompts, do_sample=True, max_new_tokens=None):
+    def generate(model, prompts, do_sample=True, max_new_tokens=None, seeds=None):
         texts = next(calls)
         assert len(texts) == len(prompts)
         return [encode(env.tok, t) + [env.tok.eos_token_id] for t in texts]
@@ -196,3 +196,29 @@ def test_llm_user_plays_the_persona_and_can_end_the_episode(tokenizer, tiny_mode
     assert [m["role"] for m in view[1:]] == ["assistant", "user", "assistant", "user", "assistant", "user"]
     with pytest.raises(ValueError, match="'scripted' or 'llm'"):
         ConversationEnvironment(tokenizer, RolloutConfig(user="human"))
+
+
+def test_row_sampler_draws_from_the_tempered_top_p_distribution():
+    """Gumbel-max under greedy decoding is a sample of softmax(logits / T), after top-p."""
+    from grpo.rollout import RowSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    for temperature, top_p in ((0.7, 1.0), (1.0, 0.8)):
+        probs = torch.softmax(logits[0] / temperature, -1)
+        if top_p < 1.0:  # the smallest set whose mass reaches top_p, renormalised
+            order = probs.argsort(descending=True)
+            keep = order[: int((probs[order].cumsum(0) < top_p).sum()) + 1]
+            probs = torch.zeros_like(probs).index_fill(0, keep, 1) * probs
+            probs /= probs.sum()
+        sampler = RowSampler(list(range(6000)), temperature, top_p)
+        picks = sampler(None, logits.expand(6000, -1)).argmax(-1)
+        freq = torch.bincount(picks, minlength=5).float() / 6000
+        assert torch.allclose(freq, probs, atol=0.02), (temperature, top_p, freq, probs)
+
+
+def test_a_seeded_episode_does_not_depend_on_the_rows_beside_it(tokenizer, tiny_model):
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=6, temperature=0.7))
+    alone = env.rollout(tiny_model, [SCEN[0]], 2, seeds=[11, 12])
+    beside = env.rollout(tiny_model, [SCEN[1], SCEN[0]], 2, seeds=[21, 22, 11, 12])
+    assert [t.input_ids for t in alone] == [t.input_ids for t in beside[2:]]
+    assert alone[0].input_ids != alone[1].input_ids  # two seeds, two different episodes
