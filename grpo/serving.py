@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grpo.config import Config
 from grpo.rollout import ConversationEnvironment, RolloutConfig, decode_reply, encode, render
@@ -194,6 +195,31 @@ def stream_chunks(result: dict):
     yield "data: [DONE]\n\n"
 
 
+class ErrorBody(BaseModel):
+    message: str = Field(description="what was wrong; for a bad request, the field first (e.g. messages.0.role)")
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body, as OpenAI's API shapes it."""
+
+    error: ErrorBody
+
+
+# The errors the server returns, documented in its OpenAPI schema. A malformed body is 400, as in
+# OpenAI's API (FastAPI's default would be 422, which its schema would then document instead).
+ERRORS = {
+    400: "malformed request: the message names the field; or over a limit",
+    401: "missing or wrong bearer token (when the server has a key)",
+    429: "too many concurrent requests",
+}
+
+
+def documented(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": ERRORS[c]} for c in codes}
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
@@ -210,6 +236,20 @@ def create_app(load: Callable[[], tuple], limits: Limits | None = None, api_key:
     app = FastAPI(title="grpo-agents chat server", lifespan=lifespan)
     app.state.server = server
 
+    def openapi() -> dict:
+        """FastAPI's schema without the 422 it adds to every route with a body: we answer 400."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     @app.middleware("http")
     async def auth(request: Request, call_next):
         wrong = request.headers.get("authorization") != f"Bearer {server.api_key}"
@@ -220,23 +260,33 @@ def create_app(load: Callable[[], tuple], limits: Limits | None = None, api_key:
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"] if x != "body")
+        # the field's path (messages.0.role); a body that is not JSON at all has a character offset
+        path = [] if first["type"] == "json_invalid" else first["loc"]
+        where = ".".join(str(x) for x in path if x != "body") or "body"
         server.m_requests.labels("400").inc()
         return error(400, f"{where}: {first['msg']}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        """FastAPI's own errors (a body it cannot decode, an unknown path) in our error shape."""
+        message = f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
+        return error(exc.status_code, message)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": server.name}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=documented(401))
     async def metrics():
         return PlainTextResponse(generate_latest(server.registry).decode(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented(401))
     async def models():
         return {"object": "list", "data": [{"id": server.name, "object": "model", "owned_by": "grpo-agents"}]}
 
-    @app.post("/v1/chat/completions")
+    streamed = {"content": {"text/event-stream": {}}, "description": "with stream: true, server-sent events"}
+
+    @app.post("/v1/chat/completions", responses={200: streamed, **documented(400, 401, 429)})
     async def chat(req: ChatRequest):
         t0 = time.perf_counter()
         try:

@@ -201,7 +201,8 @@ def test_a_failed_dvc_repro_keeps_the_previous_outputs(tmp_path, tiny_model_dir)
 
 def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project):
     """`grpo-agents serve` on the registry the pipeline filled: the SDK gets replies, and moving
-    the alias to another version reloads the model."""
+    the alias to another version reloads the model. The server's key (GRPO_API_KEY) reaches none
+    of its output, nor any file of the project."""
     import socket
     import time
 
@@ -216,22 +217,25 @@ def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(BIN / "grpo-agents"), "serve", "--alias", "e2e", "--port", str(port)],
-        cwd=project,
-        env={**env, "GRPO_API_KEY": "k"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    key = f"sk-serve-{uuid.uuid4().hex}"
+    log = project.parent / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "grpo-agents"), "serve", "--alias", "e2e", "--port", str(port)],
+            cwd=project,
+            env={**env, "GRPO_API_KEY": key},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
-        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
         for _ in range(120):
             try:
                 ids = [m.id for m in sdk.models.list().data]
                 break
             except openai.APIConnectionError:
-                assert proc.poll() is None, proc.stderr.read()
+                assert proc.poll() is None, log.read_text()
                 time.sleep(0.5)
         assert ids == [f"grpo-agent@e2e:v{versions[0]}"]
         reply = sdk.chat.completions.create(
@@ -244,9 +248,17 @@ def test_served_alias_answers_the_openai_sdk_and_follows_the_alias(flow_project)
                 break
             time.sleep(0.5)
         assert sdk.models.list().data[0].id == f"grpo-agent@e2e:v{versions[-1]}"
+        with pytest.raises(openai.AuthenticationError):  # a wrong key is refused
+            openai.OpenAI(base_url=sdk.base_url, api_key="wrong", max_retries=0).models.list()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    text = log.read_text()
+    assert "Uvicorn running on" in text and "401" in text  # the output was captured, the refusal too
+    assert key not in text
+    for path in project.rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            assert key.encode() not in path.read_bytes(), path
 
 
 def test_register_with_unchanged_inputs_adds_no_version(flow_project):

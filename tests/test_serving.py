@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 
 from grpo.models import load_causal_lm, load_tokenizer
 from grpo.serving import Limits, create_app, serve_in_thread
@@ -108,3 +111,45 @@ def test_reload_keeps_in_flight_requests(server):
         assert all(f.result().choices[0].message.content is not None for f in futures)
     assert client(url).models.list().data[0].id == app.state.server.name != "tiny-1"
     assert metric(url, "model_reloads_total") == 1
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_get_no_5xx_and_only_the_documented_errors(server, mode):
+    """Requests generated from the server's own OpenAPI schema (schemathesis, through hypothesis:
+    its pytest plugin does not load under this pytest), valid ones and invalid ones, with the key:
+    no 5xx, every status and body as the schema documents them (400 for a bad body, not FastAPI's
+    422), and every 400 names the field first."""
+    url, app = server
+    schema = schemathesis.openapi.from_dict(app.openapi())
+    tried = []
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if mode == "negative" and operation.method == "get":  # no parameters: nothing to make invalid
+            continue
+
+        @given(case=operation.as_strategy(schemathesis.GenerationMode(mode)))
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def call(case):
+            response = case.call_and_validate(
+                base_url=url,
+                headers={"Authorization": f"Bearer {KEY}"},
+                # the limits (max_tokens, prompt length) are the server's settings, not the schema's
+                excluded_checks=[schemathesis.checks.positive_data_acceptance],
+            )
+            tried.append(response.status_code)
+            assert response.status_code < 500
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert error["code"] == response.status_code and error["message"]
+                if response.status_code == 400:
+                    assert re.match(r"^[A-Za-z_][\w.]*[: ]", error["message"]), error["message"]
+
+        call()
+    assert len(tried) >= 25 and (mode == "positive" or 400 in tried)
+
+
+def test_the_schema_documents_400_not_422(server):
+    _, app = server
+    responses = app.openapi()["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "401", "429"} <= set(responses) and "422" not in responses
