@@ -100,8 +100,7 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def shard(items: list, r: int | None = None, n: int | None = None) -> list:
-    """Rank ``r``'s contiguous share of ``items`` (whose length ``n`` divides)."""
-    r, n = rank() if r is None else r, world() if n is None else n
-    k = len(items) // n
-    return items[r * k : (r + 1) * k]
+def shard(items):
+    """This rank's contiguous share of ``items`` (a list or tensor whose length the world divides)."""
+    k = len(items) // world()
+    return items[rank() * k : (rank() + 1) * k]
