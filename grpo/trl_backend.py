@@ -22,8 +22,8 @@ rerun of the same run (the native loop's fingerprint, kept in ``checkpoint_dir``
 last one, and ``checkpoint_dir`` is removed when training completes.
 
 Under torchrun TRL's accelerate runs the ranks: DDP, or DeepSpeed ZeRO with
-``distributed.strategy: deepspeed`` (the config is grpo/deepspeed/zero<stage>.json, its "auto"
-values filled in by transformers from the arguments here). Each rank gets whole groups (its share
+``distributed.strategy: deepspeed`` (the config is grpo/deepspeed/zero2.json, its "auto" values
+filled in by transformers from the arguments here). Each rank gets whole groups (its share
 of ``scenarios_per_step``); TRL gathers the rewards for the advantages, and only rank 0 reports
 steps and writes checkpoint files of ours.
 """
@@ -114,7 +114,7 @@ def train_trl(
 
     def rollout_func(prompts, trainer):
         """One trajectory per prompt row (TRL's sampler already repeats each prompt group_size times)."""
-        # TRL's own context: the bare model, with ZeRO-3's partitioned weights gathered
+        # TRL's own context for generating inside training: the bare model out of DDP or DeepSpeed
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
             trajs = env.rollout(policy, [by_prompt[prompt_key(p)] for p in prompts], 1)
         starts = [t.assistant_mask.index(1) for t in trajs]
@@ -183,7 +183,8 @@ def train_trl(
     )
     save = bool(checkpoint_dir and cfg.checkpoint_every)
     out_dir = checkpoint_dir if save else tempfile.mkdtemp(prefix="trl-grpo-")
-    if save and distributed.is_main():  # TRL resumes any checkpoint it finds: only one of this same run may be
+    # TRL resumes any checkpoint it finds: only one written by this same run may be resumed
+    if save and distributed.is_main():
         run = checkpoint.fingerprint(run_identity(cfg, scenarios, env, fingerprint))
         stamp = Path(out_dir, "run.fingerprint")
         if Path(out_dir).is_dir() and (not stamp.exists() or stamp.read_text() != run):
