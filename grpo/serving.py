@@ -97,15 +97,18 @@ class Server:
 
     def generate(self, batch: list[Pending]) -> list[list[int]]:
         temperature, top_p = batch[0].key
+        # Below this, logits / temperature overflows (found by the fuzzing test: 1.9e-223 gave a 500),
+        # and the distribution is the argmax anyway: decode greedily.
+        sample = temperature >= 1e-3
         with self.lock:
             config = RolloutConfig(
                 max_turns=1,
                 max_new_tokens=max(p.max_tokens for p in batch),
-                temperature=temperature or 1.0,
+                temperature=temperature if sample else 1.0,
                 top_p=top_p,
             )
             env = ConversationEnvironment(self.tokenizer, config)
-            out = env.generate(self.model, [p.prompt for p in batch], do_sample=temperature > 0)
+            out = env.generate(self.model, [p.prompt for p in batch], do_sample=sample)
         self.m_calls.inc()
         self.m_batch.observe(len(batch))
         return [o[: p.max_tokens] for o, p in zip(out, batch)]

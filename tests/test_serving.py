@@ -92,6 +92,12 @@ def test_malformed_requests_get_4xx_json(server, body, status, text):
     assert r.status_code == status and text in r.json()["error"]["message"]
 
 
+def test_a_vanishing_temperature_decodes_greedily(server):
+    url, _ = server
+    r = client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=4, temperature=1.9e-223)
+    assert r.choices[0].message.content is not None
+
+
 def test_bearer_token_required_except_health(server):
     url, _ = server
     assert httpx.get(f"{url}/health").status_code == 200
