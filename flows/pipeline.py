@@ -31,7 +31,7 @@ from grpo.io import read_json
 from grpo_agents import stages
 from grpo_agents.params import Params, load_params, set_params
 from mlflow_io.registry import sync_champion
-from mlflow_io.tracking import PARENT_RUN_ENV, setup
+from mlflow_io.tracking import PARENT_RUN_ENV, owner_tags, setup
 
 LOCK = Path(".dvc/tmp/grpo-pipeline.lock")  # .dvc/tmp is DVC's own git-ignored scratch directory
 
@@ -130,7 +130,7 @@ def run_pipeline(force: bool, params: Params) -> dict:
     # The champion may have moved since the last run (the MLflow UI, another project): what DVC sees
     # of it is refreshed first, so a moved champion makes evaluate stale.
     sync_champion(MlflowClient(), params.register.model_name, params.paths)
-    with mlflow.start_run(run_name="grpo-pipeline", tags={"pipeline": "prefect"}) as parent:
+    with mlflow.start_run(run_name="grpo-pipeline", tags={"pipeline": "prefect", **owner_tags()}) as parent:
         os.environ[PARENT_RUN_ENV] = parent.info.run_id
         try:
             for name in stages.STAGES:

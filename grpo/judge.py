@@ -9,7 +9,8 @@ each conversation's continuation under an id, and asks for JSON::
 An answer with bad JSON, the wrong count or the wrong ids gets one repair request (the bad answer
 and what was wrong with it); if that fails too, the group gets the heuristic fallback and is marked
 ``label_source = "fallback"``. HTTP errors and timeouts are retried by the ``openai`` SDK
-(exponential backoff with jitter, ``max_retries``); requests run ``max_concurrency`` at a time.
+(exponential backoff with jitter, ``max_retries``); when they are exhausted, or a 200's body is not
+a chat completion, the group falls back too. Requests run ``max_concurrency`` at a time.
 
 Judgements are cached on disk, one JSON file per group, keyed by the judge's identity, rubric and
 prompt and by the conversations, and written atomically: a rerun after a crash asks only for the
@@ -54,6 +55,10 @@ RUBRICS = {
 
 class JudgeFormatError(ValueError):
     pass
+
+
+class JudgeResponseError(RuntimeError):
+    """The endpoint answered 200 with a body that is not a chat completion (cut off, not JSON, no choices)."""
 
 
 class JudgeConfig(Config):
@@ -159,13 +164,19 @@ class Judge:
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def ask(self, messages: list[dict]) -> str:
-        r = self.client.chat.completions.create(
-            model=self.config.model,
-            messages=messages,
-            max_tokens=self.config.max_tokens,
-            temperature=self.config.temperature,
-        )
-        return r.choices[0].message.content or ""
+        try:
+            r = self.client.chat.completions.create(
+                model=self.config.model,
+                messages=messages,
+                max_tokens=self.config.max_tokens,
+                temperature=self.config.temperature,
+            )
+        except json.JSONDecodeError as e:  # the SDK parses the body without wrapping this error
+            raise JudgeResponseError(f"the response body is not JSON: {e}") from None
+        try:
+            return r.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError) as e:
+            raise JudgeResponseError(f"the response is not a chat completion: {e}") from None
 
     def judge_group(self, domain: str, conversations: list[list[dict]]) -> Judgement:
         import openai
@@ -188,7 +199,7 @@ class Judge:
                     return Judgement(*parse_answer(self.ask(repair), len(conversations)), source="judge", repaired=True)
                 except JudgeFormatError as second:
                     return Judgement(None, [], "fallback", repaired=True, error=f"{first}; after repair: {second}")
-        except openai.OpenAIError as e:  # retries exhausted: this group falls back, the others go on
+        except (openai.OpenAIError, JudgeResponseError) as e:  # this group falls back, the others go on
             return Judgement(None, [], "fallback", error=f"{type(e).__name__}: {e}")
 
     def judge_groups(self, groups: list[tuple[str, list[list[dict]]]], cache_dir: str | Path) -> list[Judgement]:

@@ -374,6 +374,10 @@ def micro_loss(
             stats["entropy"] += (ent * mb.mask).sum().item() / n_tokens
         else:
             logp = token_logprobs(model, mb.ids, mb.attn, mb.start, temperature=temperature)
+    m = mb.mask.bool()
+    for what, lp in (("log-probs", logp), ("old log-probs", mb.old_logp), ("reference log-probs", mb.ref_logp)):
+        if lp is not None:
+            check_finite(lp.detach()[m], what, step + 1)
     old_logp = mb.old_logp if mb.old_logp is not None else logp.detach()
     loss_tok, kl, lo, hi = per_token_loss(
         logp,
@@ -388,14 +392,21 @@ def micro_loss(
         cfg.use_bias_correction_kl,
     )
     loss = aggregate(loss_tok, mb.mask, cfg.loss_type, n_seqs, n_tokens, max_len, n_micro)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
+    check_finite(loss.detach(), "loss", step + 1)
     (loss * distributed.world()).backward()
-    m = mb.mask.bool()
     stats["kl"] += (kl[m].sum().item() if kl is not None else 0.0) / n_tokens / cfg.num_iterations
     stats["clip_low"] += lo[m].sum().item() / n_tokens / cfg.num_iterations
     stats["clip_high"] += hi[m].sum().item() / n_tokens / cfg.num_iterations
     return loss.item()
+
+
+def check_finite(x: torch.Tensor, what: str, step: int) -> None:
+    """Stop the run at the step (counted from 1, as the progress bar and MLflow do) where a NaN or an
+    infinity appears, before an update uses it: a run that raises here writes no policy, so it never
+    reaches evaluate or the registry."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite {what} ({bad} of {x.numel()} values)")
 
 
 def reward_metrics(rewards: torch.Tensor, comps: dict, adv: torch.Tensor, zero_std: int, n_groups: int) -> dict:
@@ -518,9 +529,11 @@ def train(
         totals, comps = score(trajs, batch, reward_fn, cfg)
         returns = turn_credit_returns(trajs, batch, totals, reward_fn, cfg) if cfg.turn_credit else None
         whole = gather_step(trajs, totals, comps, returns, gen_stats)
+        check_finite(torch.cat(whole.totals), "rewards", step + 1)
         # 3. group-relative (or per-turn) advantages of the whole step; this rank's share of them
         # (with turn_credit the per-turn lists are used and the flat tensor only logged)
         adv_all, per_turn_all, zero_std = advantages(whole, cfg)
+        check_finite(adv_all, "advantages", step + 1)
         adv, per_turn = distributed.shard(adv_all), per_turn_all and distributed.shard(per_turn_all)
         # 4. micro-batches with old-policy and reference log-probs, then the clipped-surrogate updates
         model.train()

@@ -48,6 +48,7 @@ from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
 from grpo.trainer import (
     GRPOConfig,
+    check_finite,
     generation_metrics,
     log_warnings,
     lora_config,
@@ -158,6 +159,9 @@ def train_trl(
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs or "reward_mean" not in step_stats:
                 return
+            for key in ("loss", "grad_norm"):  # TRL goes on with them; we stop before it saves
+                if key in logs:
+                    check_finite(torch.tensor(float(logs[key])), key, state.global_step)
             now = time.perf_counter()
             s = dict(step_stats)
             step_s = now - clock["t"]
@@ -222,6 +226,7 @@ def train_trl(
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         logging_steps=1,
+        logging_nan_inf_filter=False,  # transformers would log a NaN loss as the mean of the earlier ones
         report_to="none",
         save_strategy="steps" if save else "no",
         save_steps=cfg.checkpoint_every or 500,

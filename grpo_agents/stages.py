@@ -30,8 +30,9 @@ if TYPE_CHECKING:  # importing the params model imports the whole library (torch
 
 # The order of the DAG in dvc.yaml (tests/test_flow_order.py checks it).
 STAGES = ("base_model", "prepare", "label", "train_reward", "calibrate", "train_policy", "evaluate", "register")
-# Errors a stage raises for bad input or a failed check: a message and exit 1, no traceback.
-STAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, FloatingPointError, ChildProcessError)
+# Errors a stage raises for bad input, a failed check or the system (a missing file, a full disk):
+# a message and exit 1, no traceback.
+STAGE_ERRORS = (ValueError, KeyError, OSError, NotImplementedError, FloatingPointError, ChildProcessError)
 SECTIONS_ENV = "GRPO_STAGE_SECTIONS"  # set by launch_ranks for the ranks it starts
 log = logging.getLogger("tasks")
 # The loggers the stages write to. The flow sends their records to Prefect (the run's logs in the UI)
@@ -58,6 +59,7 @@ def run_stage(stage: str, params: Params) -> dict:
     if os.environ.get("RANK", "0") != "0":  # a rank of a torchrun started by hand: rank 0 tracks the run
         return entry(stage)(**sections)
     with stage_run(stage, params, sections):
+        log.info("stage %s started", stage)
         return entry(stage)(**sections)
 
 

@@ -218,9 +218,14 @@ def log_pyfunc(
     model_config: dict,
     example: list[dict],
     requirements: tuple[str, ...],
+    tags: dict,
 ) -> str:
     """Log a models-from-code pyfunc with the ``grpo`` library as its code, register it under
-    ``registered_name`` with the alias ``challenger``, and return its version."""
+    ``registered_name`` with ``tags`` and the alias ``challenger``, and return its version.
+
+    The version and its tags are created in one registry transaction (``register_model`` with
+    ``tags``; ``log_model(registered_model_name=...)`` would tag it afterwards): a process killed
+    in between leaves no version without the ``inputs_sha256`` tag by which a rerun finds it."""
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(HERE / python_model),
@@ -229,21 +234,21 @@ def log_pyfunc(
         model_config=model_config,
         input_example=pd.DataFrame({"messages": [example]}),
         pip_requirements=[f"{r}=={md.version(r)}" for r in requirements],
-        registered_model_name=registered_name,
     )
-    version = str(info.registered_model_version)
+    tags = {k: str(v) for k, v in tags.items()}
+    version = str(mlflow.register_model(info.model_uri, registered_name, tags=tags).version)
     MlflowClient().set_registered_model_alias(registered_name, "challenger", version)
     return version
 
 
-def log_agent(name: str, policy_dir: str, device: str) -> str:
-    """Register the policy as the agent pyfunc (agent_pyfunc.py); returns its version."""
+def log_agent(name: str, policy_dir: str, device: str, tags: dict) -> str:
+    """Register the policy as the agent pyfunc (agent_pyfunc.py) with ``tags``; returns its version."""
     config = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "device": device}
-    return log_pyfunc("agent", name, "agent_pyfunc.py", {"policy": policy_dir}, config, EXAMPLE, REQUIREMENTS)
+    return log_pyfunc("agent", name, "agent_pyfunc.py", {"policy": policy_dir}, config, EXAMPLE, REQUIREMENTS, tags)
 
 
-def log_reward_model(name: str, model_dir: str, device: str) -> str:
-    """Register the reward model as its own pyfunc (reward_pyfunc.py); returns its version."""
+def log_reward_model(name: str, model_dir: str, device: str, tags: dict) -> str:
+    """Register the reward model as its own pyfunc (reward_pyfunc.py) with ``tags``; returns its version."""
     example = [*EXAMPLE, {"role": "assistant", "content": "Let me check."}]
     return log_pyfunc(
         "reward_model",
@@ -253,12 +258,8 @@ def log_reward_model(name: str, model_dir: str, device: str) -> str:
         {"device": device},
         example,
         (*REQUIREMENTS, "sentence-transformers"),
+        tags,
     )
-
-
-def set_tags(client: MlflowClient, name: str, version: str, tags: dict) -> None:
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, str(v))
 
 
 def alias_loader(client: MlflowClient, name: str, alias: str, device: str):

@@ -11,13 +11,15 @@ rolled back; a person can, with `grpo-agents promote --version N`.
 
 A rerun with the same inputs (policy and reward model files, eval.json and reward.json, `register`
 params, device, and the code the pyfuncs package: grpo/ and mlflow_io/) adds no version: the one
-tagged with the same `inputs_sha256` is reused and meets the gate again.
+tagged with the same `inputs_sha256` is reused and meets the gate again. Each version is created
+together with its tags, so this holds after a run killed midway too (tests/reliability/test_crash.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import subprocess
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from mlflow import MlflowClient
 
 from grpo.io import read_json, tree_sha256, update_with_tree, write_json
 from grpo_agents.params import PARAMS_FILE, Paths, RegisterParams
-from mlflow_io.registry import find_version, log_agent, log_reward_model, promote, set_tags, sync_champion
+from mlflow_io.registry import find_version, log_agent, log_reward_model, promote, sync_champion
 from mlflow_io.tracking import active_run_id, log_artifact, log_dict
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,24 @@ def evaluation_tags(evaluation: dict, metric: str) -> dict:
     }
 
 
+def check_finite(evaluation: dict, metric: str, source: str) -> None:
+    """Refuse an evaluation with a NaN or an infinity among the figures the gate reads: such a run
+    is never registered."""
+    figures = {
+        f"trained.{metric}": evaluation["trained"][metric],
+        "base.reward_mean": evaluation["base"]["reward_mean"],
+        **{
+            f"{vs}.{k}": evaluation[vs][k]
+            for vs in ("vs_base", "vs_champion")
+            if vs in evaluation
+            for k in ("mean", "ci_low", "ci_high")
+        },
+    }
+    bad = [k for k, v in figures.items() if not math.isfinite(float(v))]
+    if bad:
+        raise FloatingPointError(f"{source}: non-finite {', '.join(bad)}; nothing was registered")
+
+
 def inputs_digest(register: RegisterParams, device: str, paths: Paths) -> str:
     """sha256 of everything a registered version is made of, the code it packages included."""
     digest = hashlib.sha256(register.model_dump_json().encode() + device.encode())
@@ -76,12 +96,18 @@ def inputs_digest(register: RegisterParams, device: str, paths: Paths) -> str:
 
 
 def register_new(register: RegisterParams, device: str, paths: Paths, evaluation: dict, digest: str) -> tuple[str, str]:
-    """Log the agent and the reward model as new versions with their lineage; returns both versions."""
+    """Log the agent and the reward model as new versions, each created with its tags (the lineage,
+    and ``inputs_sha256`` = ``digest``); returns both versions. A reward model version already
+    registered from ``digest`` (by a run killed before the agent's) is reused."""
     client, name = MlflowClient(), register.model_name
-    version = log_agent(name, paths.policy, device)
-    reward_version = log_reward_model(register.reward_model_name, paths.reward_model, device)
-    heldout = read_json(f"{paths.metrics}/reward.json")
-    set_tags(client, register.reward_model_name, reward_version, {f"heldout.{k}": v for k, v in heldout.items()})
+    reward = find_version(client, register.reward_model_name, "inputs_sha256", digest)
+    if reward is None:
+        heldout = read_json(f"{paths.metrics}/reward.json")
+        tags = {**{f"heldout.{k}": v for k, v in heldout.items()}, "inputs_sha256": digest}
+        reward_version = log_reward_model(register.reward_model_name, paths.reward_model, device, tags)
+    else:
+        reward_version = str(reward.version)
+        client.set_registered_model_alias(register.reward_model_name, "challenger", reward_version)
     log_artifact(str(PARAMS_FILE))
     lineage = {
         "git_commit": git_commit(),
@@ -92,13 +118,14 @@ def register_new(register: RegisterParams, device: str, paths: Paths, evaluation
         "reward_model": f"{register.reward_model_name}/{reward_version}",
         **dvc_hashes(),
     }
-    set_tags(client, name, version, {**evaluation_tags(evaluation, register.metric), **lineage})
+    version = log_agent(name, paths.policy, device, {**evaluation_tags(evaluation, register.metric), **lineage})
     return version, reward_version
 
 
 def run(register: RegisterParams, device: str, paths: Paths) -> dict:
     name, metric = register.model_name, register.metric
     evaluation = read_json(f"{paths.metrics}/eval.json")
+    check_finite(evaluation, metric, f"{paths.metrics}/eval.json")
     client = MlflowClient()
     digest = inputs_digest(register, device, paths)
     existing = find_version(client, name, "inputs_sha256", digest)
@@ -107,6 +134,7 @@ def run(register: RegisterParams, device: str, paths: Paths) -> dict:
     else:
         log.info("%s version %s was registered from the same inputs: no new version", name, existing.version)
         version, reward_version = str(existing.version), existing.tags["reward_model"].rsplit("/", 1)[1]
+        client.set_registered_model_alias(name, "challenger", version)  # a run killed before it was set
     decision = promote(
         client,
         name,

@@ -135,3 +135,50 @@ def mlflow_client(project: Path):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow/mlflow.db'}")
+
+
+def check_outputs(project: Path) -> dict:
+    for p in [
+        "data/models/base/model.safetensors",
+        "data/prepared/train.parquet",
+        "data/prepared/eval.parquet",
+        "data/prepared/validation.json",
+        "data/labels/labels.parquet",
+        "data/models/reward/head.pt",
+        "data/calibration/calibration.json",
+        "data/models/policy/model.safetensors",
+        "plots/train.csv",
+        "plots/eval.csv",
+        "plots/calibration.csv",
+        "plots/component_correlation.csv",
+        "metrics/eval.md",
+        "metrics/label.json",
+    ]:
+        assert (project / p).exists(), p
+    ev = json.loads((project / "metrics/eval.json").read_text())
+    assert ev["vs_base"]["ci_low"] <= ev["vs_base"]["mean"] <= ev["vs_base"]["ci_high"]
+    assert {"empathy", "coverage", "similarity", "safety", "reward_model", "reply_words"} <= set(ev["trained"])
+    assert set(ev["per_domain"]) == {"customer_service", "technical_support", "sales", "tutoring"}
+    assert (
+        ev["judge"]["vs_base"]["wins"]
+        + ev["judge"]["vs_base"]["losses"]
+        + ev["judge"]["vs_base"]["ties"]
+        + ev["judge"]["vs_base"]["unjudged"]
+        == 2
+    )
+    assert ev["kl_trained_base"] == ev["kl_trained_base"] and isinstance(ev["flagged"], bool)
+    label = json.loads((project / "metrics/label.json").read_text())
+    assert label["judge_groups"] == 2 and 0 <= label["judge_fallback_rate"] <= 1
+    reg = json.loads((project / "metrics/register.json").read_text())
+    assert reg["version"] == 1 and reg["aliases"] == ["challenger", "champion"]
+    rm = json.loads((project / "metrics/reward.json").read_text())
+    assert {"mse", "spearman", "baseline_mse"} <= set(rm)
+    client = mlflow_client(project)
+    v = client.get_model_version_by_alias("grpo-agent", "champion")
+    assert str(v.version) == "1" and str(client.get_model_version_by_alias("grpo-agent", "challenger").version) == "1"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert v.tags["git_commit"] == head and v.tags["promotion.decision"] == "promoted"
+    assert any(k.startswith("dvc.train_policy.") and len(val) == 32 for k, val in v.tags.items())
+    assert v.tags["reward_model"] == "grpo-reward/1" and v.tags["eval.flagged"] in ("true", "false")
+    assert "heldout.spearman" in client.get_model_version("grpo-reward", "1").tags
+    return reg

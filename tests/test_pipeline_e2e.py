@@ -1,7 +1,7 @@
 """The whole pipeline on tiny models, in temporary copies of the repo: once through the Prefect
 flow as `grpo-agents run` starts it (then `dvc repro` finds nothing to do, a calibrate-only change
-reruns calibrate and what follows, and a second flow run skips everything), once through `dvc repro`
-from scratch."""
+reruns calibrate and what follows, and a second flow run skips everything). `dvc repro` from scratch
+runs in tests/reliability/test_crash.py, killed during each stage in turn."""
 
 from __future__ import annotations
 
@@ -9,60 +9,12 @@ import json
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import BIN, dvc_status, make_project, mlflow_client, sh, write_params
+from conftest import BIN, check_outputs, dvc_status, make_project, mlflow_client, sh, write_params
 
 from grpo_agents.stages import STAGES
-
-
-def check_outputs(project: Path) -> dict:
-    for p in [
-        "data/models/base/model.safetensors",
-        "data/prepared/train.parquet",
-        "data/prepared/eval.parquet",
-        "data/prepared/validation.json",
-        "data/labels/labels.parquet",
-        "data/models/reward/head.pt",
-        "data/calibration/calibration.json",
-        "data/models/policy/model.safetensors",
-        "plots/train.csv",
-        "plots/eval.csv",
-        "plots/calibration.csv",
-        "plots/component_correlation.csv",
-        "metrics/eval.md",
-        "metrics/label.json",
-    ]:
-        assert (project / p).exists(), p
-    ev = json.loads((project / "metrics/eval.json").read_text())
-    assert ev["vs_base"]["ci_low"] <= ev["vs_base"]["mean"] <= ev["vs_base"]["ci_high"]
-    assert {"empathy", "coverage", "similarity", "safety", "reward_model", "reply_words"} <= set(ev["trained"])
-    assert set(ev["per_domain"]) == {"customer_service", "technical_support", "sales", "tutoring"}
-    assert (
-        ev["judge"]["vs_base"]["wins"]
-        + ev["judge"]["vs_base"]["losses"]
-        + ev["judge"]["vs_base"]["ties"]
-        + ev["judge"]["vs_base"]["unjudged"]
-        == 2
-    )
-    assert ev["kl_trained_base"] == ev["kl_trained_base"] and isinstance(ev["flagged"], bool)
-    label = json.loads((project / "metrics/label.json").read_text())
-    assert label["judge_groups"] == 2 and 0 <= label["judge_fallback_rate"] <= 1
-    reg = json.loads((project / "metrics/register.json").read_text())
-    assert reg["version"] == 1 and reg["aliases"] == ["challenger", "champion"]
-    rm = json.loads((project / "metrics/reward.json").read_text())
-    assert {"mse", "spearman", "baseline_mse"} <= set(rm)
-    client = mlflow_client(project)
-    v = client.get_model_version_by_alias("grpo-agent", "champion")
-    assert str(v.version) == "1" and str(client.get_model_version_by_alias("grpo-agent", "challenger").version) == "1"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
-    assert v.tags["git_commit"] == head and v.tags["promotion.decision"] == "promoted"
-    assert any(k.startswith("dvc.train_policy.") and len(val) == 32 for k, val in v.tags.items())
-    assert v.tags["reward_model"] == "grpo-reward/1" and v.tags["eval.flagged"] in ("true", "false")
-    assert "heldout.spearman" in client.get_model_version("grpo-reward", "1").tags
-    return reg
 
 
 def test_registered_models_predict_as_pyfuncs(flow_project):
@@ -159,15 +111,6 @@ def test_dvc_repro_after_flow_runs_nothing_then_only_what_a_param_touches(flow_p
         [exp.experiment_id], "tags.mlflow.runName = 'grpo-pipeline'", order_by=["start_time DESC"]
     )[0]
     assert last.data.tags["stages_run"] == "none" and last.data.tags["stages_skipped"] == ",".join(STAGES)
-
-
-def test_dvc_repro_from_scratch(tmp_path, tiny_model_dir):
-    project, env = make_project(tmp_path, tiny_model_dir)
-    out = sh([str(BIN / "dvc"), "repro"], project, env)
-    assert all(f"Running stage '{s}'" in out for s in STAGES)
-    check_outputs(project)
-    assert "didn't change" in sh([str(BIN / "dvc"), "repro"], project, env)
-    assert dvc_status(project, env) == {}
 
 
 def test_chat_with_the_champion_in_the_terminal(flow_project):
@@ -299,15 +242,15 @@ def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(flow_project)
 REGISTER_ELSEWHERE = """
 from mlflow import MlflowClient
 from grpo_agents.params import load_params
-from mlflow_io.registry import log_agent, set_tags
+from mlflow_io.registry import log_agent
 from mlflow_io.tracking import setup
 params = load_params()
 setup(params)
 client = MlflowClient()
 champion = client.get_model_version_by_alias("grpo-agent", "champion").version
-version = log_agent("grpo-agent", params.paths.base_model, "cpu")
 evaluation = {"reward_mean": 1, "vs_champion.version": champion, "vs_champion.mean": 0.5, "vs_champion.ci_low": 0.1}
-set_tags(client, "grpo-agent", version, {**{f"eval.{k}": v for k, v in evaluation.items()}, "eval.flagged": "false"})
+tags = {**{f"eval.{k}": v for k, v in evaluation.items()}, "eval.flagged": "false"}
+version = log_agent("grpo-agent", params.paths.base_model, "cpu", tags)
 print("registered version", version)
 """
 
