@@ -23,6 +23,12 @@ class EvaluateConfig(Config):
     max_scenarios: int | None = Field(ge=1, description="held-out scenarios (fixed, domain-balanced subset); null: all")
     judge_scenarios: int = Field(ge=0, description="scenarios whose pair of conversations the judge compares")
     min_judged: int = Field(ge=1, description="judged pairs needed before a losing win rate flags a run")
+    min_judge_agreement: float = Field(
+        ge=0,
+        le=1,
+        description="the judge's agreement with the heuristic score in label (within-group pairwise, chance "
+        "0.5) below which its win rates are reported but flag nothing",
+    )
     max_length_ratio: float = Field(gt=1, description="reply-length drift (either way) that flags a run")
     samples_per_scenario: int = Field(ge=1)
     bootstrap: int = Field(ge=100, description="bootstrap resamples for the paired CI")
@@ -38,25 +44,35 @@ def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level:
     return {"mean": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level, "n": int(len(diff))}
 
 
-def win_rate(verdicts, first: int | list[int] = 0) -> dict:
+def win_rate(verdicts, first: int | list[int] = 0, swapped=None) -> dict:
     """Judge verdicts on pairs: wins/losses/ties of conversation ``first`` (0 or 1; or one per
-    verdict) against the other one. Pairs the judge could not answer are counted as ``unjudged``;
-    the rate is (wins + ties / 2) over judged pairs, NaN when none was judged."""
+    verdict) against the other one. With ``swapped``, the same pairs judged in the other order, a
+    pair's scores are the means over both orders, which cancels a preference for a position, and
+    ``position_consistency`` is the share of pairs answered both ways that got the same winner both
+    ways (ties included). Pairs the judge could not answer at all are ``unjudged``; the rate is
+    (wins + ties / 2) over judged pairs, NaN when none was judged."""
     firsts = first if isinstance(first, list) else [first] * len(verdicts)
-    wins = losses = ties = unjudged = 0
-    for v, f in zip(verdicts, firsts):
-        if v.scores is None:
+    swapped = swapped or [None] * len(verdicts)
+    wins = losses = ties = unjudged = both = consistent = 0
+    for v, w, f in zip(verdicts, swapped, firsts):
+        sides = [(v.scores[f], v.scores[1 - f])] if v.scores is not None else []
+        sides += [(w.scores[1 - f], w.scores[f])] if w is not None and w.scores is not None else []
+        if not sides:
             unjudged += 1
             continue
-        a, b = v.scores[f], v.scores[1 - f]
+        if len(sides) == 2:
+            both += 1
+            consistent += np.sign(sides[0][0] - sides[0][1]) == np.sign(sides[1][0] - sides[1][1])
+        a, b = np.mean([x for x, _ in sides]), np.mean([y for _, y in sides])
         wins, losses, ties = wins + (a > b), losses + (a < b), ties + (a == b)
     judged = wins + losses + ties
     return {
-        "wins": wins,
-        "losses": losses,
-        "ties": ties,
+        "wins": int(wins),
+        "losses": int(losses),
+        "ties": int(ties),
         "unjudged": unjudged,
         "win_rate": (wins + ties / 2) / judged if judged else float("nan"),
+        "position_consistency": consistent / both if both else float("nan"),
     }
 
 
@@ -131,11 +147,13 @@ def compare(
     config: EvaluateConfig,
     seed: int,
     champion_version: str | None = None,
+    judge_agreement: float = float("nan"),
 ) -> dict:
     """The evaluation result (eval.json): each policy's means, trained against each other policy
     (``vs_<name>``: paired bootstrap CI over scenarios; ``judge[vs_<name>]``: win rate), the
     per-domain breakdown and the reward-hacking flags. ``tables`` holds ``base`` and ``trained``,
-    and ``champion`` when there is one."""
+    and ``champion`` when there is one. The judge's win rates count in the flags only when its
+    ``judge_agreement`` with the heuristic (label's) reaches ``config.min_judge_agreement``."""
     trained = tables["trained"]
     result = {k: means(t) for k, t in tables.items()}
     result.update(
@@ -144,7 +162,10 @@ def compare(
         champion_version=champion_version,
         kl_trained_base=kl_trained_base,
         judge=judge,
+        judge_agreement=judge_agreement,
+        judge_trusted=bool(judge_agreement >= config.min_judge_agreement),  # NaN (never measured): not trusted
     )
+    heard = judge if result["judge_trusted"] else {k: {} for k in judge}
     for other in [k for k in tables if k != "trained"]:
         result[f"vs_{other}"] = paired_bootstrap_ci(
             tables[other]["reward"], trained["reward"], config.bootstrap, config.ci_level, seed
@@ -155,14 +176,14 @@ def compare(
     }
     length_ratio = result["trained"]["reply_words"] / max(result["base"]["reply_words"], 1e-9)
     result["flags"] = hacking_flags(
-        result["vs_base"]["mean"], judge["vs_base"], config.max_length_ratio, length_ratio, config.min_judged
+        result["vs_base"]["mean"], heard["vs_base"], config.max_length_ratio, length_ratio, config.min_judged
     )
     if "champion" in tables:
         result["flags"] += [
             f"against the champion: {f}"
             for f in hacking_flags(
                 result["vs_champion"]["mean"],
-                judge["vs_champion"],
+                heard["vs_champion"],
                 config.max_length_ratio,
                 min_judged=config.min_judged,
             )
@@ -180,11 +201,14 @@ def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def ci_line(result: dict, other: str) -> str:
-    """``trained - base: +0.110, 95% CI [+0.030, +0.199]; judge 3W/1L/0T, 4 unjudged``"""
+    """``trained - base: +0.110, 95% CI [+0.030, +0.199]; judge 3W/1L/0T, 4 unjudged, same winner in
+    both orders 75%`` (the last part where some pair was answered in both orders)"""
     d, w = result[f"vs_{other}"], result["judge"][f"vs_{other}"]
+    consistency = w.get("position_consistency", float("nan"))
     return (
         f"trained - {other}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]; "
         f"judge {w['wins']}W/{w['losses']}L/{w['ties']}T, {w['unjudged']} unjudged"
+        + ("" if np.isnan(consistency) else f", same winner in both orders {consistency:.0%}")
     )
 
 
@@ -203,6 +227,8 @@ def report_markdown(result: dict, tables: dict[str, pd.DataFrame], n_examples: i
     lines += [""]
     lines += [f"- {ci_line(result, other)}" for other in ("base", "champion") if result.get(f"vs_{other}")]
     lines += [
+        f"- judge: agreement with the heuristic in label {result['judge_agreement']:.2f}, "
+        + ("trusted" if result["judge_trusted"] else "not trusted: its win rates flag nothing"),
         f"- KL(trained || base) per agent token: {result['kl_trained_base']:.4f}",
         f"- flagged: {'yes: ' + '; '.join(result['flags']) if result['flagged'] else 'no'}",
         "",

@@ -6,6 +6,11 @@ each conversation's continuation under an id, and asks for JSON::
 
     {"scores": [{"id": "1", "score": 0.7, "explanation": "..."}, ...]}
 
+With ``structured`` the request carries the answer's JSON schema as ``response_format`` (structured
+outputs): the scores keyed by id, each a tenth from 0 to 1. The project's own server decodes under
+that schema (grpo/structured.py), so its answers cannot be malformed; it is on by default there, and
+off for other endpoints, where it is only as good as the endpoint's support for it.
+
 An answer with bad JSON, the wrong count or the wrong ids gets one repair request (the bad answer
 and what was wrong with it); if that fails too, the group gets the heuristic fallback and is marked
 ``label_source = "fallback"``. HTTP errors and timeouts are retried by the ``openai`` SDK
@@ -73,6 +78,11 @@ class JudgeConfig(Config):
     max_concurrency: int = Field(4, ge=1)
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0)
+    structured: bool | None = Field(
+        None,
+        description="send the answer's JSON schema as response_format, so that a server which enforces it "
+        "cannot answer malformed JSON; null: only to the project's own server",
+    )
     rubrics: dict[str, str] = Field(default_factory=lambda: dict(RUBRICS))
 
 
@@ -106,6 +116,23 @@ def build_prompt(rubric: str, conversations: list[list[dict]]) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(body) + "\n\nYour JSON:"}]
 
 
+SCORES = [round(i / 10, 1) for i in range(11)]  # the values a structured answer may give
+
+
+def answer_schema(n: int) -> dict:
+    """The JSON schema of an answer for ``n`` conversations, as structured outputs: the scores keyed
+    by id (every id, in order), each a tenth from 0 to 1 with a short explanation."""
+    entry = {
+        "type": "object",
+        "properties": {"score": {"enum": SCORES}, "explanation": {"type": "string", "maxLength": 60}},
+        "required": ["score", "explanation"],
+        "additionalProperties": False,
+    }
+    ids = [str(i + 1) for i in range(n)]
+    scores = {"type": "object", "properties": dict.fromkeys(ids, entry), "required": ids, "additionalProperties": False}
+    return {"type": "object", "properties": {"scores": scores}, "required": ["scores"], "additionalProperties": False}
+
+
 def parse_answer(text: str, n: int) -> tuple[list[float], list[str]]:
     """Scores and explanations in id order, or :class:`JudgeFormatError` saying what is wrong."""
     match = re.search(r"[\[{].*[\]}]", text or "", re.S)
@@ -116,6 +143,8 @@ def parse_answer(text: str, n: int) -> tuple[list[float], list[str]]:
     except json.JSONDecodeError as e:
         raise JudgeFormatError(f"invalid JSON: {e.msg}") from None
     items = data.get("scores") if isinstance(data, dict) else data
+    if isinstance(items, dict):  # the structured form: entries keyed by id
+        items = [{"id": k, **v} if isinstance(v, dict) else {"id": k, "score": v} for k, v in items.items()]
     if not isinstance(items, list):
         raise JudgeFormatError('expected a "scores" list')
     if len(items) != n:
@@ -159,17 +188,23 @@ class Judge:
             "prompt": PROMPT_VERSION,
             "temperature": c.temperature,
             "max_tokens": c.max_tokens,
+            "structured": bool(c.structured),
             "conversations": conversations,
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
-    def ask(self, messages: list[dict]) -> str:
+    def ask(self, messages: list[dict], n: int) -> str:
+        structured = {}
+        if self.config.structured:
+            schema = {"name": "judge_scores", "schema": answer_schema(n), "strict": True}
+            structured["response_format"] = {"type": "json_schema", "json_schema": schema}
         try:
             r = self.client.chat.completions.create(
                 model=self.config.model,
                 messages=messages,
                 max_tokens=self.config.max_tokens,
                 temperature=self.config.temperature,
+                **structured,
             )
         except json.JSONDecodeError as e:  # the SDK parses the body without wrapping this error
             raise JudgeResponseError(f"the response body is not JSON: {e}") from None
@@ -183,7 +218,7 @@ class Judge:
 
         messages = build_prompt(self.rubric(domain), conversations)
         try:
-            answer = self.ask(messages)
+            answer = self.ask(messages, len(conversations))
             try:
                 return Judgement(*parse_answer(answer, len(conversations)), source="judge")
             except JudgeFormatError as first:
@@ -196,7 +231,11 @@ class Judge:
                     },
                 ]
                 try:
-                    return Judgement(*parse_answer(self.ask(repair), len(conversations)), source="judge", repaired=True)
+                    return Judgement(
+                        *parse_answer(self.ask(repair, len(conversations)), len(conversations)),
+                        source="judge",
+                        repaired=True,
+                    )
                 except JudgeFormatError as second:
                     return Judgement(None, [], "fallback", repaired=True, error=f"{first}; after repair: {second}")
         except (openai.OpenAIError, JudgeResponseError) as e:  # this group falls back, the others go on
@@ -244,7 +283,10 @@ def endpoint(config: JudgeConfig, model=None, tokenizer=None, local_name: str = 
     app = create_app(lambda: (model, tokenizer, config.model), limits)
     with serve_in_thread(app) as url:
         log.info("judge: %s served on %s", local_name, url)
-        yield config.model_copy(update={"base_url": f"{url}/v1", "identity": f"local:{local_name}"})
+        structured = True if config.structured is None else config.structured
+        yield config.model_copy(
+            update={"base_url": f"{url}/v1", "identity": f"local:{local_name}", "structured": structured}
+        )
 
 
 def judge_groups(

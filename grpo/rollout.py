@@ -194,9 +194,11 @@ class ConversationEnvironment:
         do_sample: bool = True,
         max_new_tokens: int | None = None,
         seeds: list[int] | None = None,
+        processors: list | None = None,
     ) -> list[list[int]]:
         """One batched generate call; returns each row's new tokens up to and including eos. With
-        ``seeds`` (and ``do_sample``), each row samples from its own stream (:class:`RowSampler`)."""
+        ``seeds`` (and ``do_sample``), each row samples from its own stream (:class:`RowSampler`).
+        ``processors`` (logits processors, e.g. grpo/structured.py's) apply before sampling."""
         device = next(model.parameters()).device
         width = max(map(len, prompts))
         pad = self.tok.pad_token_id
@@ -206,10 +208,10 @@ class ConversationEnvironment:
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
         per_row = do_sample and seeds is not None
-        sampling = {"do_sample": do_sample and not per_row}
+        sampling = {"do_sample": do_sample and not per_row, "logits_processor": LogitsProcessorList(processors or [])}
         if per_row:
             sampler = RowSampler(seeds, self.config.temperature, self.config.top_p)
-            sampling["logits_processor"] = LogitsProcessorList([sampler])
+            sampling["logits_processor"].append(sampler)
         elif do_sample:
             sampling.update(temperature=self.config.temperature, top_p=self.config.top_p, top_k=0)
         out = model.generate(

@@ -3,8 +3,9 @@
 
 Concurrent requests with the same sampling settings are batched into one ``generate`` call. With
 ``stream: true`` the reply is sent as server-sent-event chunks in OpenAI's format; the chunks are
-emitted once the batched generation finishes (not token by token). The app knows nothing of MLflow:
-it is given a ``load`` callable that returns ``(model, tokenizer, model_name)``, and
+emitted once the batched generation finishes (not token by token). ``response_format`` with a JSON
+schema constrains generation to it (structured outputs, grpo/structured.py). The app knows nothing
+of MLflow: it is given a ``load`` callable that returns ``(model, tokenizer, model_name)``, and
 ``app.state.server.reload()`` swaps in a new model without dropping requests in flight.
 """
 
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grpo.config import Config
 from grpo.rollout import ConversationEnvironment, RolloutConfig, decode_reply, encode, render
+from grpo.structured import check_schema, schema_key, schema_processor
 
 
 class Limits(Config):
@@ -45,6 +47,17 @@ class Message(BaseModel):
     content: str
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(max_length=64)
+    schema_: dict = Field(alias="schema", description="JSON Schema, the subset grpo/structured.py enforces")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(BaseModel):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -54,6 +67,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
+    response_format: ResponseFormat | None = None
 
 
 class ApiError(Exception):
@@ -65,7 +79,7 @@ class ApiError(Exception):
 class Pending:
     prompt: list[int]
     max_tokens: int
-    key: tuple
+    key: tuple  # (temperature, top_p, JSON schema or None): requests batch only with equal keys
     future: asyncio.Future
 
 
@@ -96,7 +110,7 @@ class Server:
         self.m_reloads.inc()
 
     def generate(self, batch: list[Pending]) -> list[list[int]]:
-        temperature, top_p = batch[0].key
+        temperature, top_p, schema = batch[0].key
         # Below this, logits / temperature overflows (found by the fuzzing test: 1.9e-223 gave a 500),
         # and the distribution is the argmax anyway: decode greedily.
         sample = temperature >= 1e-3
@@ -108,7 +122,11 @@ class Server:
                 top_p=top_p,
             )
             env = ConversationEnvironment(self.tokenizer, config)
-            out = env.generate(self.model, [p.prompt for p in batch], do_sample=sample)
+            prompts = [p.prompt for p in batch]
+            processors = (
+                [schema_processor(self.tokenizer, json.loads(schema), list(map(len, prompts)))] if schema else []
+            )
+            out = env.generate(self.model, prompts, do_sample=sample, processors=processors)
         self.m_calls.inc()
         self.m_batch.observe(len(batch))
         return [o[: p.max_tokens] for o, p in zip(out, batch)]
@@ -147,13 +165,22 @@ class Server:
         prompt = encode(self.tokenizer, render(self.tokenizer, messages, True))
         if len(prompt) > self.limits.max_prompt_tokens:
             raise ApiError(400, f"prompt is {len(prompt)} tokens; the limit is {self.limits.max_prompt_tokens}")
+        schema = None
+        if req.response_format and req.response_format.type == "json_schema":
+            if req.response_format.json_schema is None:
+                raise ApiError(400, "response_format: json_schema is required when type is json_schema")
+            try:
+                check_schema(req.response_format.json_schema.schema_, "response_format.json_schema.schema")
+            except ValueError as e:
+                raise ApiError(400, str(e)) from None
+            schema = schema_key(req.response_format.json_schema.schema_)
         if self.in_flight >= self.limits.max_concurrent:
             raise ApiError(429, "too many concurrent requests", "rate_limit_error")
         self.in_flight += 1
         self.m_inflight.set(self.in_flight)
         try:
             fut = asyncio.get_running_loop().create_future()
-            await self.queue.put(Pending(prompt, limit, (req.temperature, req.top_p), fut))
+            await self.queue.put(Pending(prompt, limit, (req.temperature, req.top_p, schema), fut))
             ids = await fut
         finally:
             self.in_flight -= 1

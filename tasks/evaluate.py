@@ -4,11 +4,13 @@ held-out scenarios.
 All policies see the same scenarios, the same scripted users and the same sampling seed, and are
 scored by the same composite reward. Reported (`paths.metrics`/eval.json, DVC metrics, and MLflow):
 mean composite reward and each component, paired bootstrap CIs of trained - base and trained -
-champion over scenarios, judge win rates of trained against each (ties and unjudged pairs counted),
-reply length, the KL of trained from base on its own samples, and a per-domain breakdown. A run
-whose reward rises while the judge prefers the base (over at least `evaluate.min_judged` judged
-pairs), or whose reply length drifts past `evaluate.max_length_ratio`, is flagged, and a flagged
-version cannot be promoted. Also writes `paths.plots`/eval.csv and a markdown report
+champion over scenarios, judge win rates of trained against each (each pair judged in both orders;
+ties and unjudged pairs counted; position consistency), reply length, the KL of trained from base on
+its own samples, and a per-domain breakdown. A run whose reward rises while the judge prefers the
+base (over at least `evaluate.min_judged` judged pairs), or whose reply length drifts past
+`evaluate.max_length_ratio`, is flagged, and a flagged version cannot be promoted. The judge counts
+only when its agreement with the heuristic in label (`paths.metrics`/label.json) reaches
+`evaluate.min_judge_agreement`. Also writes `paths.plots`/eval.csv and a markdown report
 (`paths.metrics`/eval.md) with the comparison table and side-by-side examples, which the Prefect
 flow publishes as an artifact. The comparison itself is grpo/evaluation.py.
 
@@ -20,7 +22,9 @@ that promoted itself); then it is the version it replaced. That version is writt
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -37,7 +41,7 @@ from grpo.evaluation import (
     side_by_side,
     win_rate,
 )
-from grpo.io import atomic_path, write_json
+from grpo.io import atomic_path, read_json, write_json
 from grpo.judge import judge_groups
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
@@ -45,6 +49,8 @@ from grpo.rollout import ConversationEnvironment, RolloutConfig, rollout_in_chun
 from grpo_agents.params import BaseModelParams, JudgeParams, Paths, RegisterParams
 from mlflow_io.registry import download_policy, sync_champion
 from mlflow_io.tracking import log_metrics, log_table, log_text
+
+log = logging.getLogger(__name__)
 
 
 def run(
@@ -93,9 +99,20 @@ def run(
         verdicts[f"vs_{other}"] = win_rate([])
         if judge.enabled and evaluate.judge_scenarios:
             groups, flips = pairs_to_judge(held_out, tables["trained"], tables[other], evaluate.judge_scenarios, seed)
-            answers = judge_groups(judge, groups, paths.judge_cache, base, tokenizer, base_model.source)
-            verdicts[f"vs_{other}"] = win_rate(answers, flips)
-    result = compare(tables, verdicts, kl, evaluate, seed, champion_version)
+            # each pair in both orders: the judge's preference for a position cancels out, and is measured
+            both = groups + [(domain, pair[::-1]) for domain, pair in groups]
+            answers = judge_groups(judge, both, paths.judge_cache, base, tokenizer, base_model.source)
+            verdicts[f"vs_{other}"] = win_rate(answers[: len(groups)], flips, answers[len(groups) :])
+    label = Path(paths.metrics, "label.json")
+    agreement = read_json(label).get("judge_heuristic_pairwise", float("nan")) if label.exists() else float("nan")
+    result = compare(tables, verdicts, kl, evaluate, seed, champion_version, agreement)
+    if not result["judge_trusted"]:
+        log.warning(
+            "the judge's agreement with the heuristic in label is %.2f (evaluate.min_judge_agreement %.2f): "
+            "its win rates are reported but flag nothing",
+            agreement,
+            evaluate.min_judge_agreement,
+        )
 
     markdown = report_markdown(result, tables)
     table = side_by_side(tables)

@@ -19,11 +19,32 @@ def test_win_rate_counts_ties_and_unjudged_pairs():
 
     v = lambda s: Judgement(s, [], "judge" if s else "fallback")
     verdicts = [v([0.9, 0.1]), v([0.2, 0.8]), v([0.5, 0.5]), v(None), v([0.7, 0.3])]
-    assert win_rate(verdicts) == {"wins": 2, "losses": 1, "ties": 1, "unjudged": 1, "win_rate": 2.5 / 4}
+    once = win_rate(verdicts)
+    assert {k: once[k] for k in ("wins", "losses", "ties", "unjudged", "win_rate")} == {
+        "wins": 2,
+        "losses": 1,
+        "ties": 1,
+        "unjudged": 1,
+        "win_rate": 2.5 / 4,
+    }
+    assert np.isnan(once["position_consistency"])  # no pair was judged both ways
     assert win_rate(verdicts, first=1)["wins"] == 1
     per_pair = win_rate(verdicts, first=[0, 1, 0, 0, 1])  # the order each pair was shown in
     assert (per_pair["wins"], per_pair["losses"], per_pair["ties"]) == (2, 1, 1)
     assert np.isnan(win_rate([v(None)])["win_rate"])
+
+
+def test_both_orders_cancel_a_position_bias_and_measure_it():
+    from grpo.judge import Judgement
+
+    v = lambda s: Judgement(s, [], "judge" if s else "fallback")
+    # pair 1: ours wins shown first (0.7 vs 0.4) but loses shown second (0.5 vs 0.6): the means, 0.6
+    # against 0.5, still favour ours, and the order changed the verdict; pair 2 was answered one way only
+    both = win_rate([v([0.7, 0.4]), v([0.7, 0.4])], 0, [v([0.6, 0.5]), v(None)])
+    assert (both["wins"], both["losses"], both["ties"], both["unjudged"]) == (2, 0, 0, 0)
+    assert both["position_consistency"] == 0.0  # the one pair seen both ways flipped with the order
+    steady = win_rate([v([0.7, 0.4]), v([0.6, 0.5])], 0, [v([0.5, 0.6]), v([0.4, 0.7])])
+    assert steady["wins"] == 2 and steady["position_consistency"] == 1.0
 
 
 def test_hacking_flags():
@@ -80,6 +101,7 @@ def evaluate_config(ci_level: float):
         judge_scenarios=2,
         min_judged=2,
         max_length_ratio=1.5,
+        min_judge_agreement=0.6,
         samples_per_scenario=1,
         bootstrap=200,
         ci_level=ci_level,
@@ -91,11 +113,15 @@ def test_compare_reports_means_cis_domains_and_flags():
 
     config = evaluate_config(ci_level=0.9)
     judge = {"vs_base": {"wins": 0, "losses": 2, "ties": 0, "unjudged": 0, "win_rate": 0.0}}
-    result = compare(tables(0.2), judge, 0.01, config, seed=0)
+    result = compare(tables(0.2), judge, 0.01, config, seed=0, judge_agreement=0.7)
     assert result["trained"]["reward_mean"] - result["base"]["reward_mean"] == pytest.approx(0.2)
     assert result["vs_base"]["mean"] == pytest.approx(0.2) and result["vs_base"]["level"] == 0.9
     assert result["per_domain"]["sales"]["trained"] == pytest.approx(0.5) and result["trained"]["empathy"] == 0.5
     assert result["flagged"] and "judge win rate is 0.00" in result["flags"][0]  # the judge prefers the base
+    assert result["judge_trusted"]
+    at_chance = compare(tables(0.2), judge, 0.01, config, seed=0, judge_agreement=0.5)  # or never measured
+    assert not at_chance["judge_trusted"] and not at_chance["flagged"] and at_chance["judge"] == judge
+    assert not compare(tables(0.2), judge, 0.01, config, seed=0)["judge_trusted"]
     assert not compare(tables(0.2), {"vs_base": win_rate([])}, 0.0, config, seed=0)["flagged"]
     longer = tables(0.2)
     longer["trained"]["reply_words"] = 20.0

@@ -127,3 +127,21 @@ def test_the_real_openai_path_against_the_project_server(tiny_model_dir, tmp_pat
         verdicts = j.judge_groups([("sales", GROUP), ("tutoring", GROUP)], tmp_path)
     assert all(v.source == "fallback" and v.repaired and "after repair" in v.error for v in verdicts)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_structured_answers_cannot_be_malformed(tiny_model_dir, tmp_path):
+    """The same random model judges through judge.endpoint, which serves it itself and asks for
+    structured outputs: the server decodes under the answer's JSON schema, so every group gets
+    scores (nonsense ones: the model is random), with no repair and no fallback."""
+    from grpo.judge import SCORES, judge_groups
+
+    model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    config = JudgeConfig(model="tiny", max_tokens=160, max_concurrency=2)
+    groups = [("sales", GROUP), ("tutoring", GROUP[:2])]
+    verdicts = judge_groups(config, groups, tmp_path, model, tokenizer, "tiny")
+    assert [v.source for v in verdicts] == ["judge", "judge"] and not any(v.repaired for v in verdicts)
+    assert [len(v.scores) for v in verdicts] == [3, 2] and all(s in SCORES for v in verdicts for s in v.scores)
+    free = judge_groups(
+        config.model_copy(update={"structured": False}), groups, tmp_path / "free", model, tokenizer, "tiny"
+    )
+    assert [v.source for v in free] == ["fallback", "fallback"]  # the same model, unconstrained

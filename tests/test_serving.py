@@ -84,12 +84,41 @@ def test_concurrent_requests_are_batched(server):
         ({"messages": MSGS, "max_tokens": 999}, 400, "exceeds"),
         ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "prompt is"),
         ({}, 400, "messages"),
+        (
+            {
+                "messages": MSGS,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}},
+                },
+            },
+            400,
+            "response_format.json_schema.schema: unsupported keyword 'pattern'",
+        ),
+        ({"messages": MSGS, "response_format": {"type": "json_schema"}}, 400, "json_schema is required"),
     ],
 )
 def test_malformed_requests_get_4xx_json(server, body, status, text):
     url, _ = server
     r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == status and text in r.json()["error"]["message"]
+
+
+def test_structured_outputs_follow_the_schema(server):
+    """response_format json_schema: the random tiny model's reply is JSON the schema accepts, in
+    the reply and in the stream."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"v": {"enum": ["yes", "no"]}}, "required": ["v"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "v", "schema": schema, "strict": True}}
+    c = client(server[0])
+    r = c.chat.completions.create(model="m", messages=MSGS, max_tokens=16, response_format=fmt, temperature=1.0)
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    assert r.choices[0].finish_reason == "stop"
+    chunks = c.chat.completions.create(model="m", messages=MSGS, max_tokens=16, response_format=fmt, stream=True)
+    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in chunks)), schema)
 
 
 def test_a_vanishing_temperature_decodes_greedily(server):
