@@ -121,7 +121,7 @@ SCORES = [round(i / 10, 1) for i in range(11)]  # the values a structured answer
 
 def answer_schema(n: int) -> dict:
     """The JSON schema of an answer for ``n`` conversations, as structured outputs: the scores keyed
-    by id (every id, in order), each a tenth from 0 to 1 with a short explanation."""
+    by id (every id), each a tenth from 0 to 1 with a short explanation."""
     entry = {
         "type": "object",
         "properties": {"score": {"enum": SCORES}, "explanation": {"type": "string", "maxLength": 60}},

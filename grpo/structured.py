@@ -104,8 +104,7 @@ def enforcer_data(tokenizer) -> TokenEnforcerTokenizerData:
 
 def schema_processor(tokenizer, schema: dict, prompt_lengths: list[int]) -> PrefixConstrainedLogitsProcessor:
     """A logits processor for ``generate`` that keeps every row's new tokens (after its prompt,
-    left-padded to the longest) a prefix of JSON that ``schema`` accepts, then allows only eos.
-    Fields come in the order of ``required``."""
+    left-padded to the longest) a prefix of JSON that ``schema`` accepts, then allows only eos."""
     check_schema(schema)
     parser = JsonSchemaParser(schema, CharacterLevelParserConfig(force_json_field_order=True))
     data = enforcer_data(tokenizer)

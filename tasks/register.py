@@ -67,7 +67,7 @@ def evaluation_tags(evaluation: dict, metric: str) -> dict:
     }
 
 
-def check_finite(evaluation: dict, metric: str, source: str) -> None:
+def refuse_non_finite(evaluation: dict, metric: str, source: str) -> None:
     """Refuse an evaluation with a NaN or an infinity among the figures the gate reads: such a run
     is never registered."""
     figures = {
@@ -125,7 +125,7 @@ def register_new(register: RegisterParams, device: str, paths: Paths, evaluation
 def run(register: RegisterParams, device: str, paths: Paths) -> dict:
     name, metric = register.model_name, register.metric
     evaluation = read_json(f"{paths.metrics}/eval.json")
-    check_finite(evaluation, metric, f"{paths.metrics}/eval.json")
+    refuse_non_finite(evaluation, metric, f"{paths.metrics}/eval.json")
     client = MlflowClient()
     digest = inputs_digest(register, device, paths)
     existing = find_version(client, name, "inputs_sha256", digest)
