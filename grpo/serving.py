@@ -3,9 +3,11 @@
 
 Concurrent requests with the same sampling settings are batched into one ``generate`` call. With
 ``stream: true`` the reply is sent as server-sent-event chunks in OpenAI's format; the chunks are
-emitted once the batched generation finishes (not token by token). ``response_format`` with a JSON
-schema constrains generation to it (structured outputs, grpo/structured.py). The app knows nothing
-of MLflow: it is given a ``load`` callable that returns ``(model, tokenizer, model_name)``, and
+emitted once the batched generation finishes (not token by token). ``tools`` and ``tool`` messages
+are rendered as the policy saw them in training (grpo/tools.py: ``training_form``), and a reply
+that calls one of the request's tools comes back as ``tool_calls`` (one call per reply, as in
+training). ``response_format`` with a JSON schema constrains generation to it (structured outputs,
+grpo/structured.py). The app knows nothing of MLflow: it is given a ``load`` callable that returns ``(model, tokenizer, model_name)``, and
 ``app.state.server.reload()`` swaps in a new model without dropping requests in flight.
 """
 
@@ -25,13 +27,15 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2.exceptions import TemplateError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grpo.config import Config
 from grpo.rollout import ConversationEnvironment, RolloutConfig, decode_reply, encode, render
 from grpo.structured import check_schema, schema_key, schema_processor
+from grpo.tools import parse_call, template_declares_tools, training_form
 
 
 class Limits(Config):
@@ -42,9 +46,52 @@ class Limits(Config):
     batch_wait_s: float = Field(0.02, ge=0, description="how long the batcher waits for more requests")
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(description="a JSON object, as a string")
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=16)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def content_or_calls(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (null only on an assistant message with tool_calls)")
+        return self
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(default=None, description="JSON Schema of the arguments (an object)")
+
+    @model_validator(mode="after")
+    def object_schema(self):
+        params = self.parameters or {}
+        props, required = params.get("properties", {}), params.get("required", [])
+        if not isinstance(props, dict) or not (
+            isinstance(required, list) and all(isinstance(r, str) for r in required)
+        ):
+            raise ValueError("parameters: properties must be an object and required a list of names")
+        return self
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class JsonSchemaFormat(BaseModel):
@@ -68,6 +115,10 @@ class ChatRequest(BaseModel):
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=64)
+    tool_choice: Literal["none", "auto"] | None = Field(
+        default=None, description="auto (the default with tools): the model may call one; none: tools are not declared"
+    )
 
 
 class ApiError(Exception):
@@ -102,6 +153,12 @@ class Server:
         self.m_tokens = Counter("completion_tokens_total", "Generated tokens", registry=reg)
         self.m_inflight = Gauge("requests_in_flight", "Requests queued or running", registry=reg)
         self.m_reloads = Counter("model_reloads_total", "Model reloads", registry=reg)
+        self.m_tool_calls = Counter(
+            "tool_calls_total",
+            "Replies holding a tool call: returned as tool_calls, or malformed (as text)",
+            ["outcome"],
+            registry=reg,
+        )
 
     def reload(self) -> None:
         model, tokenizer, name = self.load()
@@ -161,8 +218,14 @@ class Server:
         limit = req.max_completion_tokens or req.max_tokens or self.limits.max_tokens
         if limit > self.limits.max_tokens:
             raise ApiError(400, f"max_tokens {limit} exceeds this server's limit of {self.limits.max_tokens}")
-        messages = [m.model_dump() for m in req.messages]
-        prompt = encode(self.tokenizer, render(self.tokenizer, messages, True))
+        functions = [t.model_dump() for t in req.tools or []] if req.tool_choice != "none" else []
+        try:
+            messages, tools = training_form(
+                [m.model_dump() for m in req.messages], functions, template_declares_tools(self.tokenizer)
+            )
+            prompt = encode(self.tokenizer, render(self.tokenizer, messages, True, tools))
+        except (ValueError, TemplateError) as e:
+            raise ApiError(400, f"messages: {e}" if isinstance(e, TemplateError) else str(e)) from None
         if len(prompt) > self.limits.max_prompt_tokens:
             raise ApiError(400, f"prompt is {len(prompt)} tokens; the limit is {self.limits.max_prompt_tokens}")
         schema = None
@@ -188,18 +251,31 @@ class Server:
         finished = bool(ids) and ids[-1] == self.tokenizer.eos_token_id
         text = decode_reply(self.tokenizer, ids)
         self.m_tokens.inc(len(ids))
+        message, finish = {"role": "assistant", "content": text}, "stop" if finished else "length"
+        call = parse_call(text) if functions else None
+        if call is not None:
+            name, args = call
+            if isinstance(args, str):
+                with contextlib.suppress(json.JSONDecodeError):
+                    args = json.loads(args)
+            # a malformed call, or one of a tool the request did not declare, is returned as text
+            valid = name in {f["function"]["name"] for f in functions} and isinstance(args, dict)
+            self.m_tool_calls.labels("returned" if valid else "malformed").inc()
+            if valid:
+                before = text.split("<tool_call>")[0].strip() if "<tool_call>" in text else ""
+                function = {"name": name, "arguments": json.dumps(args)}
+                message = {
+                    "role": "assistant",
+                    "content": before or None,
+                    "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}],
+                }
+                finish = "tool_calls"
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop" if finished else "length",
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {
                 "prompt_tokens": len(prompt),
                 "completion_tokens": len(ids),
@@ -216,11 +292,13 @@ def stream_chunks(result: dict):
         "model": result["model"],
     }
     choice = result["choices"][0]
-    for delta, finish in (
-        ({"role": "assistant", "content": ""}, None),
-        ({"content": choice["message"]["content"]}, None),
-        ({}, choice["finish_reason"]),
-    ):
+    message = choice["message"]
+    deltas = [({"role": "assistant", "content": ""}, None)]
+    if message["content"]:
+        deltas.append(({"content": message["content"]}, None))
+    for i, call in enumerate(message.get("tool_calls", [])):
+        deltas.append(({"tool_calls": [{"index": i, **call}]}, None))
+    for delta, finish in (*deltas, ({}, choice["finish_reason"])):
         yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
     yield "data: [DONE]\n\n"
 

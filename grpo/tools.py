@@ -197,10 +197,24 @@ def instructions(tools: list[str]) -> str:
     declaration is plain text, one line per tool rather than the JSON schemas: the schemas made a
     tool scenario's prompt 227 tokens against 61 without, and GRPO's cost grows with it. The call
     format is the Hermes/Qwen one, which templates with tool support also use.)"""
-    known = [TOOLS[t] for t in tools if t in TOOLS]
-    lines = [f"- {t.name}({', '.join(t.parameters['properties'])}): {t.description}" for t in known]
+    return declare(schemas(tools))
+
+
+def declare(functions: list[dict]) -> str:
+    """:func:`instructions` for OpenAI function schemas (``{"type": "function", "function":
+    {name, description, parameters}}``): the server declares a request's ``tools`` with it."""
+    known = [f["function"] for f in functions]
+    lines = [
+        f"- {f['name']}({', '.join((f.get('parameters') or {}).get('properties', {}))}): {f.get('description') or ''}"
+        for f in known
+    ]
     example = (
-        json.dumps({"name": known[0].name, "arguments": {a: "..." for a in known[0].parameters["required"]}})
+        json.dumps(
+            {
+                "name": known[0]["name"],
+                "arguments": {a: "..." for a in (known[0].get("parameters") or {}).get("required", [])},
+            }
+        )
         if known
         else ""
     )
@@ -210,6 +224,43 @@ def instructions(tools: list[str]) -> str:
         + f"\nTo call one, reply with only <tool_call>{example}</tool_call>. "
         "Its result comes back in a message from the tool; then answer the user."
     )
+
+
+def call_text(name: str, arguments: dict) -> str:
+    """A call in the documented format, as the policy writes it."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def training_form(
+    messages: list[dict], functions: list[dict] | None, template_tools: bool
+) -> tuple[list[dict], list[dict] | None]:
+    """An OpenAI-style conversation (``tool`` messages, assistant ``tool_calls`` with JSON-string
+    arguments) and its function schemas, as the policy saw them in training (grpo/rollout.py):
+    ``(messages, tools)`` for ``render``. A call is written out in the documented format as the
+    assistant's text, since in training an assistant message is the text the policy wrote. Where
+    the chat template declares tools, the schemas go to the template; otherwise the declaration is
+    appended to the system prompt (a system message is added if there is none). Raises
+    ``ValueError`` naming the message whose call arguments are not a JSON object."""
+    out = []
+    for i, m in enumerate(messages):
+        text = [m["content"]] if m.get("content") else []
+        for j, c in enumerate(m.get("tool_calls") or []):
+            try:
+                args = json.loads(c["function"]["arguments"] or "{}")
+            except json.JSONDecodeError:
+                args = None
+            if not isinstance(args, dict):
+                raise ValueError(f"messages.{i}.tool_calls.{j}.function.arguments: a JSON object is needed")
+            text.append(call_text(c["function"]["name"], args))
+        out.append({"role": m["role"], "content": "\n".join(text)})
+    if not functions or template_tools:
+        return out, functions or None
+    declaration = declare(functions)
+    if out and out[0]["role"] == "system":
+        out[0]["content"] += declaration
+    else:
+        out.insert(0, {"role": "system", "content": declaration.lstrip("\n")})
+    return out, None
 
 
 def parse_call(text: str) -> tuple[str, dict | str] | None:

@@ -12,7 +12,9 @@ champion, serve an agent.
     grpo-agents rollback               restore the champion that the current one replaced
     grpo-agents champion               show it; refresh the file through which DVC sees it
     grpo-agents serve [--alias A]      serve models:/<register.model_name>@<alias> over an OpenAI API
-    grpo-agents chat [--alias A]       talk to that model in the terminal, turn by turn
+    grpo-agents chat [--alias A] [--scenario ID]
+                                       talk to that model in the terminal, turn by turn (with a
+                                       scenario's tools and backend)
 
 Every command works on the project that holds the current directory (the nearest directory at or
 above it with a params.yaml), or on --project DIR.
@@ -156,10 +158,54 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host or config.host, port=args.port or config.port, log_level=logging.INFO)
 
 
+def find_scenario(prepared: str, scenario_id: str):
+    """A prepared scenario (train or eval set) by id."""
+    import pandas as pd
+
+    from grpo.scenarios import from_frame
+
+    ids = []
+    for name in ("train", "eval"):
+        path = Path(prepared) / f"{name}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; run the prepare stage first")
+        frame = pd.read_parquet(path)
+        ids += frame["id"].tolist()
+        match = frame[frame["id"] == scenario_id]
+        if len(match):
+            return from_frame(match)[0]
+    raise ValueError(f"no scenario {scenario_id!r} in {prepared}; e.g. {', '.join(ids[:3])}")
+
+
+MAX_TOOL_ROUNDS = 3  # replies in a row that may call a tool before the user must speak
+
+
+def agent_turn(predict, messages: list[dict], scenario, backend: dict, say) -> None:
+    """The agent answers ``messages`` (appended to them). With a ``scenario``, a reply that calls
+    one of its tools is run against ``backend`` and the result given back as a ``tool`` message,
+    as in training, and the agent speaks again (at most MAX_TOOL_ROUNDS calls)."""
+    from grpo.tools import call_tool, parse_call
+
+    for calls in range(MAX_TOOL_ROUNDS + 1):
+        reply = predict(messages)
+        messages.append({"role": "assistant", "content": reply})
+        say(f"agent> {reply}")
+        call = parse_call(reply) if scenario and scenario.tools and calls < MAX_TOOL_ROUNDS else None
+        if call is None:
+            return
+        result, _ = call_tool(*call, scenario.tools, backend)
+        messages.append({"role": "tool", "content": result})
+        say(f"tool> {result}")
+
+
 def chat(args: argparse.Namespace) -> None:
     """Talk to a registered agent in the terminal: each line you type is a user turn, the agent
     answers with the whole conversation so far. The model is the registered pyfunc itself, as
-    `mlflow models serve` would run it. An empty line or Ctrl-D ends the chat."""
+    `mlflow models serve` would run it. With --scenario, the conversation starts as that prepared
+    scenario does (its system prompt, tools and opening message), and the agent's tool calls run
+    against a copy of the scenario's backend. An empty line or Ctrl-D ends the chat."""
+    import copy
+
     import mlflow
     import pandas as pd
 
@@ -167,11 +213,25 @@ def chat(args: argparse.Namespace) -> None:
     from mlflow_io.tracking import setup
 
     params = load_params()
+    scenario = find_scenario(params.paths.prepared, args.scenario) if args.scenario else None
     setup(params)
     uri = f"models:/{args.model_name or params.register.model_name}@{args.alias or params.serve.alias}"
     agent = mlflow.pyfunc.load_model(uri)
     print(f"chatting with {uri}; an empty line or Ctrl-D ends", flush=True)
-    messages = []
+
+    def predict(messages: list[dict]) -> str:
+        return agent.predict(pd.DataFrame({"messages": [messages]}))[0]
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    messages, backend = [], None
+    if scenario:
+        # the tools are declared in the system prompt as text, as for chat templates without tool support
+        messages, backend = scenario.first_messages(declare_tools=True), copy.deepcopy(scenario.backend)
+        say(f"scenario {scenario.id} ({scenario.domain}); tools: {', '.join(scenario.tools) or 'none'}")
+        say(f"you> {scenario.opening}")
+        agent_turn(predict, messages, scenario, backend, say)
     while True:
         try:
             line = input("you> ").strip()
@@ -180,9 +240,7 @@ def chat(args: argparse.Namespace) -> None:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        reply = agent.predict(pd.DataFrame({"messages": [messages]}))[0]
-        messages.append({"role": "assistant", "content": reply})
-        print(f"agent> {reply}", flush=True)
+        agent_turn(predict, messages, scenario, backend, say)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,6 +305,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a registered agent in the terminal", description=chat.__doc__)
     p.add_argument("--model-name", help="registered model (default: register.model_name)")
     p.add_argument("--alias", help="registry alias to talk to (default: serve.alias)")
+    p.add_argument("--scenario", metavar="ID", help="start as this prepared scenario does, with its tools and backend")
     p.set_defaults(func=chat)
     return ap
 

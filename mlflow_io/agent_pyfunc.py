@@ -1,7 +1,9 @@
 """The registered agent as an MLflow pyfunc ("models from code").
 
 Input: a DataFrame with a ``messages`` column; each cell is a list of chat messages
-(``{"role": ..., "content": ...}``). Output: one assistant reply per row.
+(``{"role": ..., "content": ...}``; role system, user, assistant or tool, a tool message holding a
+tool's result). Output: one assistant reply per row; a tool call is written as the policy writes
+it (grpo/tools.py: ``<tool_call>{...}</tool_call>``).
 Served with ``mlflow models serve -m models:/<name>@champion --env-manager local``.
 """
 
@@ -29,7 +31,7 @@ class AgentModel(PythonModel):
     def predict(self, context, model_input, params=None):
         from grpo.rollout import conversations_from, decode_reply, encode, render
 
-        conversations = conversations_from(model_input, roles=("system", "user", "assistant"))
+        conversations = conversations_from(model_input, roles=("system", "user", "assistant", "tool"))
         prompts = [encode(self.tokenizer, render(self.tokenizer, messages, True)) for messages in conversations]
         return [decode_reply(self.tokenizer, out) for out in self.env.generate(self.model, prompts)]
 

@@ -126,6 +126,15 @@ def test_chat_with_the_champion_in_the_terminal(flow_project):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "chatting with models:/grpo-agent@champion" in res.stdout and res.stdout.count("agent> ") == 2
+    evaluation = pd.read_parquet(project / "data/prepared/eval.parquet")
+    scenario = evaluation[evaluation["tools"].map(len) > 0].iloc[0]
+    chat = [str(BIN / "grpo-agents"), "chat", "--scenario"]
+    res = subprocess.run([*chat, scenario["id"]], cwd=project, env=env, input="\n", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"scenario {scenario['id']}" in res.stdout and f"you> {scenario['opening']}" in res.stdout
+    assert "agent> " in res.stdout
+    res = subprocess.run([*chat, "nope"], cwd=project, env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and "error: no scenario 'nope' in data/prepared" in res.stderr
 
 
 def test_a_failed_dvc_repro_keeps_the_previous_outputs(tmp_path, tiny_model_dir):

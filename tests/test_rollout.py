@@ -5,6 +5,7 @@ import torch
 
 from grpo.rollout import ConversationEnvironment, RolloutConfig, Trajectory, encode, render, user_prompt, user_turn_text
 from grpo.scenarios import Scenario
+from grpo.tools import schemas, template_declares_tools, training_form
 
 SCEN = [
     Scenario(
@@ -222,3 +223,38 @@ def test_a_seeded_episode_does_not_depend_on_the_rows_beside_it(tokenizer, tiny_
     beside = env.rollout(tiny_model, [SCEN[1], SCEN[0]], 2, seeds=[21, 22, 11, 12])
     assert [t.input_ids for t in alone] == [t.input_ids for t in beside[2:]]
     assert alone[0].input_ids != alone[1].input_ids  # two seeds, two different episodes
+
+
+@pytest.mark.parametrize("template", [None, TOOL_TEMPLATE], ids=["smollm2", "with-tool-support"])
+def test_the_servers_openai_form_renders_as_training_did(tokenizer, tiny_model, template):
+    """An episode in OpenAI's form (function schemas, an assistant ``tool_calls``, a ``tool``
+    message), as a client of the server would send it, renders to the very token ids the policy
+    saw before its second turn in training, with either kind of chat template."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    if template:
+        tok.chat_template = template
+    env = ConversationEnvironment(tok, RolloutConfig(max_turns=2, max_new_tokens=64))
+    call = '<tool_call>{"name": "check_order_status", "arguments": {"order_id": "48213"}}</tool_call>'
+    scripted(env, [[call], ["It was lost, sorry."]])
+    [t] = env.rollout(tiny_model, [ORDER], group_size=1)
+    second_turn = len(t.assistant_mask) - t.assistant_mask[::-1].index(0)
+    api = [
+        {"role": "system", "content": ORDER.system_prompt()},
+        {"role": "user", "content": ORDER.opening},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "check_order_status", "arguments": '{"order_id": "48213"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": t.messages[3]["content"]},
+    ]
+    messages, tools = training_form(api, schemas(ORDER.tools), template_declares_tools(tok))
+    assert encode(tok, render(tok, messages, True, tools)) == t.input_ids[:second_turn]

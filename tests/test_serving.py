@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +13,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from grpo.models import load_causal_lm, load_tokenizer
+from grpo.rollout import encode, render
 from grpo.serving import Limits, create_app, serve_in_thread
+from grpo.tools import TOOLS, call_tool, training_form
 
 KEY = "test-token"
 
@@ -26,7 +29,7 @@ def server(tiny_model_dir):
         return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), f"tiny-{len(loads)}"
 
     app = create_app(
-        load, Limits(max_tokens=16, max_prompt_tokens=200, batch_wait_s=0.3, max_concurrent=8), api_key=KEY
+        load, Limits(max_tokens=64, max_prompt_tokens=200, batch_wait_s=0.3, max_concurrent=8), api_key=KEY
     )
     with serve_in_thread(app) as url:
         yield url, app
@@ -37,6 +40,7 @@ def client(url):
 
 
 MSGS = [{"role": "user", "content": "My order is late."}]
+ORDER_TOOL = TOOLS["check_order_status"].schema()
 
 
 def metric(url: str, name: str) -> float:
@@ -96,6 +100,27 @@ def test_concurrent_requests_are_batched(server):
             "response_format.json_schema.schema: unsupported keyword 'pattern'",
         ),
         ({"messages": MSGS, "response_format": {"type": "json_schema"}}, 400, "json_schema is required"),
+        ({"messages": MSGS, "tools": [ORDER_TOOL], "tool_choice": "required"}, 400, "tool_choice"),
+        ({"messages": [{"role": "tool"}]}, 400, "messages.0: Value error, content is required"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, 400, "only assistant messages"),
+        (
+            {
+                "messages": [
+                    *MSGS,
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1"}}]},
+                ]
+            },
+            400,
+            "messages.1.tool_calls.0.function.arguments: a JSON object is needed",
+        ),
+        (
+            {
+                "messages": MSGS,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"required": 1}}}],
+            },
+            400,
+            "tools.0.function: Value error, parameters",
+        ),
     ],
 )
 def test_malformed_requests_get_4xx_json(server, body, status, text):
@@ -107,8 +132,6 @@ def test_malformed_requests_get_4xx_json(server, body, status, text):
 def test_structured_outputs_follow_the_schema(server):
     """response_format json_schema: the random tiny model's reply is JSON the schema accepts, in
     the reply and in the stream."""
-    import json
-
     import jsonschema
 
     schema = {"type": "object", "properties": {"v": {"enum": ["yes", "no"]}}, "required": ["v"]}
@@ -119,6 +142,74 @@ def test_structured_outputs_follow_the_schema(server):
     assert r.choices[0].finish_reason == "stop"
     chunks = c.chat.completions.create(model="m", messages=MSGS, max_tokens=16, response_format=fmt, stream=True)
     jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in chunks)), schema)
+
+
+# The random tiny model never calls a tool by itself: a response_format holds its reply to a call of
+# check_order_status (in Llama 3.1's bare-JSON form, which the server parses as Hermes' <tool_call>).
+FORCED_CALL = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "call",
+        "schema": {
+            "type": "object",
+            "properties": {
+                "name": {"const": "check_order_status"},
+                "arguments": {
+                    "type": "object",
+                    "properties": {"order_id": {"const": "48213"}},
+                    "required": ["order_id"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+    },
+}
+BACKEND = {"orders": {"48213": {"status": "lost in transit", "items": ["lamp"], "total": 20.0, "refundable": True}}}
+
+
+def test_a_tool_round_trip_through_the_openai_sdk(server, tokenizer):
+    """The SDK declares a tool; the reply calls it and comes back as ``tool_calls`` (in the reply
+    and in the stream); the client runs the call against a scenario backend and sends the result
+    back as a ``tool`` message, which the server renders as the policy saw it in training."""
+    url, _ = server
+    c = client(url)
+    returned = metric(url, "tool_calls_total")
+    first = dict(model="m", messages=MSGS, tools=[ORDER_TOOL], response_format=FORCED_CALL, max_tokens=64)
+    r = c.chat.completions.create(**first, temperature=0)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and message.content is None
+    [call] = message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "check_order_status"
+    assert json.loads(call.function.arguments) == {"order_id": "48213"}
+    assert metric(url, "tool_calls_total") == returned + 1
+
+    chunks = list(c.chat.completions.create(**first, stream=True))
+    streamed = [d for ch in chunks for d in ch.choices[0].delta.tool_calls or []]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in streamed] == [
+        ("check_order_status", {"order_id": "48213"})
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    result, ok = call_tool(call.function.name, call.function.arguments, ["check_order_status"], BACKEND)
+    assert ok and json.loads(result)["status"] == "lost in transit"
+    conversation = [
+        *MSGS,
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": result},
+    ]
+    r2 = c.chat.completions.create(model="m", messages=conversation, tools=[ORDER_TOOL], max_tokens=8)
+    assert isinstance(r2.choices[0].message.content, str) and r2.choices[0].finish_reason in ("stop", "length")
+    messages, tools = training_form(conversation, [ORDER_TOOL], template_tools=False)
+    text = render(tokenizer, messages, True, tools)
+    assert r2.usage.prompt_tokens == len(encode(tokenizer, text))
+    assert '<|im_start|>assistant\n<tool_call>{"name": "check_order_status"' in text and result in text
+
+    plain = c.chat.completions.create(model="m", messages=MSGS, max_tokens=1).usage.prompt_tokens
+    none = c.chat.completions.create(**first, tool_choice="none")  # not declared, so not parsed either
+    assert none.usage.prompt_tokens == plain and none.choices[0].message.tool_calls is None
+    assert "check_order_status" in none.choices[0].message.content
 
 
 def test_a_vanishing_temperature_decodes_greedily(server):

@@ -75,3 +75,29 @@ def test_tool_use_reward_and_agent_turns_without_call_markup():
     assert rewards.ToolUse()([good, none], plain).tolist() == [0.0, 1.0]
     assert rewards.agent_turns(good) == ["It shipped."]
     assert np.allclose(rewards.LengthBand(1, 5)([good], scen), rewards.LengthBand(1, 5)([none], scen))
+
+
+def test_chat_runs_the_agents_calls_against_the_scenarios_backend():
+    """`grpo-agents chat --scenario`: a reply that calls a tool is run on the chat's copy of the
+    backend and answered with a tool message, and the agent speaks again, as in training."""
+    from grpo_agents.cli import MAX_TOOL_ROUNDS, agent_turn
+
+    scenario = Scenario(
+        id="s", domain="customer_service", persona="p", goal="g", opening="Where is 7?", tools=["check_order_status"]
+    )
+    call = '<tool_call>{"name": "check_order_status", "arguments": {"order_id": "7"}}</tool_call>'
+    replies, said = iter([call, "It shipped."]), []
+    messages = scenario.first_messages()
+    agent_turn(lambda m: next(replies), messages, scenario, BACKEND, said.append)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert json.loads(messages[3]["content"])["status"] == "shipped"
+    assert said == [f"agent> {call}", f"tool> {messages[3]['content']}", "agent> It shipped."]
+    # an agent that only ever calls tools gets the user back after MAX_TOOL_ROUNDS calls
+    messages = scenario.first_messages()
+    agent_turn(lambda m: call, messages, scenario, BACKEND, said.append)
+    assert [m["role"] for m in messages].count("tool") == MAX_TOOL_ROUNDS
+    assert messages[-1]["role"] == "assistant"
+    # without a scenario, a call is just text
+    messages = [{"role": "user", "content": "hi"}]
+    agent_turn(lambda m: call, messages, None, None, said.append)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
