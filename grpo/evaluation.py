@@ -14,7 +14,19 @@ from grpo.config import Config
 from grpo.rewards import words
 from grpo.scenarios import subsample
 
-NON_COMPONENTS = ("scenario_id", "domain", "reward", "reply_words", "example")
+# Per-scenario columns that are not reward components: tool use is summed over a scenario's samples
+# (``calls``, ``calls_ok``, ``called``: episodes with a call) and summarised by :func:`means`.
+NON_COMPONENTS = (
+    "scenario_id",
+    "domain",
+    "reward",
+    "reply_words",
+    "example",
+    "has_tools",
+    "called",
+    "calls",
+    "calls_ok",
+)
 
 
 class EvaluateConfig(Config):
@@ -97,7 +109,8 @@ def score(trajectories, scenarios: list, reward) -> pd.DataFrame:
     scenario's samples, and its first conversation as ``example``."""
     rows = []
     for g, scen in enumerate(scenarios):
-        group = [t.messages for t in trajectories if t.group == g]
+        episodes = [t for t in trajectories if t.group == g]
+        group = [t.messages for t in episodes]
         total, raw = reward(group, scen)
         replies = [m["content"] for c in group for m in c if m["role"] == "assistant"]
         rows.append(
@@ -107,6 +120,10 @@ def score(trajectories, scenarios: list, reward) -> pd.DataFrame:
                 "reward": float(np.mean(total)),
                 **{k: float(np.mean(v)) for k, v in raw.items()},
                 "reply_words": float(np.mean([len(words(r)) for r in replies])),
+                "has_tools": bool(scen.tools),
+                "called": float(np.mean([t.tool_calls > 0 for t in episodes])),
+                "calls": sum(t.tool_calls for t in episodes),
+                "calls_ok": sum(t.tool_calls - t.tool_errors for t in episodes),
                 "example": group[0],
             }
         )
@@ -118,9 +135,15 @@ def components(table: pd.DataFrame) -> list[str]:
 
 
 def means(table: pd.DataFrame) -> dict:
+    """Mean reward, reply length and components; ``tool_call_rate``: the share of episodes on
+    scenarios with tools that made a call; ``tool_success``: the share of all calls that succeeded
+    (NaN without calls)."""
+    tools = table[table["has_tools"]]
     return {
         "reward_mean": float(table["reward"].mean()),
         "reply_words": float(table["reply_words"].mean()),
+        "tool_call_rate": float(tools["called"].mean()) if len(tools) else float("nan"),
+        "tool_success": float(table["calls_ok"].sum() / table["calls"].sum()) if table["calls"].sum() else float("nan"),
         **{k: float(table[k].mean()) for k in components(table)},
     }
 
@@ -152,7 +175,7 @@ def compare(
     """The evaluation result (eval.json): each policy's means, trained against each other policy
     (``vs_<name>``: paired bootstrap CI over scenarios; ``judge[vs_<name>]``: win rate), the
     per-domain breakdown and the reward-hacking flags. ``tables`` holds ``base`` and ``trained``,
-    and ``champion`` when there is one. The judge's win rates count in the flags only when its
+    ``sft`` (the SFT policy GRPO started from) when there is one, and ``champion`` when there is one. The judge's win rates count in the flags only when its
     ``judge_agreement`` with the heuristic (label's) reaches ``config.min_judge_agreement``."""
     trained = tables["trained"]
     result = {k: means(t) for k, t in tables.items()}
@@ -174,6 +197,21 @@ def compare(
         d: {k: float(t.loc[t["domain"] == d, "reward"].mean()) for k, t in tables.items()}
         for d in sorted(set(trained["domain"]))
     }
+    # per domain: each policy's tool use, and trained against each other policy (paired CIs)
+    result["per_domain_tools"] = {}
+    result["per_domain_vs"] = {}
+    for d in sorted(set(trained["domain"])):
+        rows = (trained["domain"] == d).to_numpy()
+        result["per_domain_tools"][d] = {
+            k: {m: means(t[rows])[m] for m in ("tool_call_rate", "tool_success")} for k, t in tables.items()
+        }
+        result["per_domain_vs"][d] = {
+            f"vs_{other}": paired_bootstrap_ci(
+                tables[other]["reward"][rows], trained["reward"][rows], config.bootstrap, config.ci_level, seed
+            )
+            for other in tables
+            if other != "trained"
+        }
     length_ratio = result["trained"]["reply_words"] / max(result["base"]["reply_words"], 1e-9)
     result["flags"] = hacking_flags(
         result["vs_base"]["mean"], heard["vs_base"], config.max_length_ratio, length_ratio, config.min_judged
@@ -222,10 +260,10 @@ def report_markdown(result: dict, tables: dict[str, pd.DataFrame], n_examples: i
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    for k in ["reward_mean", "reply_words", *components(tables["base"])]:
+    for k in ["reward_mean", "reply_words", "tool_call_rate", "tool_success", *components(tables["base"])]:
         lines.append(f"| {k} | " + " | ".join(f"{result[n][k]:.3f}" for n in names) + " |")
     lines += [""]
-    lines += [f"- {ci_line(result, other)}" for other in ("base", "champion") if result.get(f"vs_{other}")]
+    lines += [f"- {ci_line(result, other)}" for other in ("base", "sft", "champion") if result.get(f"vs_{other}")]
     lines += [
         f"- judge: agreement with the heuristic in label {result['judge_agreement']:.2f}, "
         + ("trusted" if result["judge_trusted"] else "not trusted: its win rates flag nothing"),

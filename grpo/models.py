@@ -112,6 +112,13 @@ def materialise(spec: str, out_dir: str | Path) -> dict:
     }
 
 
+def lora_config(r: int, alpha: int):
+    """The LoRA adapter SFT and both GRPO backends train: every linear layer, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
 def tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides):
     """A tiny random Llama with the real tokenizer's vocabulary, for tests and smoke runs."""
     cfg = dict(

@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from pydantic import Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -38,7 +38,7 @@ from transformers import get_scheduler
 from grpo import checkpoint, distributed
 from grpo.config import Config
 from grpo.distributed import DistributedConfig
-from grpo.models import autocast
+from grpo.models import autocast, lora_config
 from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
 from grpo.rollout import ConversationEnvironment, Trajectory, row_seed
 from grpo.scenarios import Scenario
@@ -128,15 +128,8 @@ def log_warnings(cfg: GRPOConfig) -> None:
         log.warning("train_policy: %s", warning)
 
 
-def lora_config(cfg: GRPOConfig) -> LoraConfig:
-    """The LoRA adapter both backends train: every linear layer, no dropout."""
-    return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-
-
 def add_lora(model, cfg: GRPOConfig):
-    return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, lora_config(cfg.lora_r, cfg.lora_alpha))
 
 
 @dataclass

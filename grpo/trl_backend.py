@@ -15,7 +15,7 @@ fraction, tool and generation figures come from the native loop's own helpers (`
 ``generation_metrics``, ``truncated_turn_frac`` in grpo/trainer.py); KL, clip fractions, entropy,
 loss, grad norm and completion length are TRL's. TRL has no skip-on-non-finite-gradient guard, so
 ``skipped_steps`` is native-only. Per-turn credit and the leave-one-out baseline are native-only
-and refused here. The LoRA adapter is the native loop's (``lora_config``).
+and refused here. The LoRA adapter is the native loop's (grpo/models.py ``lora_config``).
 
 Checkpoints are TRL's (``save_steps``: adapter, optimizer, scheduler, RNG, trainer state); a
 rerun of the same run (the native loop's fingerprint, kept in ``checkpoint_dir``) resumes from the
@@ -43,6 +43,7 @@ import torch
 
 from grpo import checkpoint, distributed
 from grpo.io import read_json, write_json
+from grpo.models import lora_config
 from grpo.objective import group_advantages
 from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
@@ -51,7 +52,6 @@ from grpo.trainer import (
     check_finite,
     generation_metrics,
     log_warnings,
-    lora_config,
     reward_metrics,
     run_identity,
     truncated_turn_frac,
@@ -240,7 +240,7 @@ def train_trl(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg.lora_r, cfg.lora_alpha),
         callbacks=[Metrics()],
         rollout_func=rollout_func,
     )

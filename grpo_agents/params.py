@@ -28,6 +28,7 @@ from grpo.reward_model import FitConfig
 from grpo.rewards import RewardConfig
 from grpo.rollout import RolloutConfig
 from grpo.serving import Limits
+from grpo.sft import SFTConfig
 from grpo.trainer import GRPOConfig
 
 PARAMS_FILE = Path("params.yaml")
@@ -44,6 +45,7 @@ class Paths(Config):
     labels: str
     reward_model: str
     calibration: str
+    sft_model: str
     policy: str
     checkpoints: str
     judge_cache: str
@@ -52,6 +54,11 @@ class Paths(Config):
     mlflow_db: str
     mlflow_artifacts: str
     champion: str
+
+    def policy_start(self, sft: SFTConfig) -> str:
+        """The policy GRPO starts from, its KL reference, and what evaluate compares as ``sft``:
+        the SFT warm start, or the base model when ``sft.enabled`` is false."""
+        return self.sft_model if sft.enabled else self.base_model
 
 
 class MlflowParams(Config):
@@ -159,6 +166,7 @@ class Params(Config):
     judge: JudgeParams
     train_reward: TrainRewardParams
     calibrate: CalibrationConfig
+    sft: SFTConfig
     train_policy: GRPOConfig
     evaluate: EvaluateConfig
     register: RegisterParams

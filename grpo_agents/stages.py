@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # importing the params model imports the whole library (torch
     from grpo_agents.params import Params
 
 # The order of the DAG in dvc.yaml (tests/test_flow_order.py checks it).
-STAGES = ("base_model", "prepare", "label", "train_reward", "calibrate", "train_policy", "evaluate", "register")
+STAGES = ("base_model", "prepare", "label", "train_reward", "calibrate", "sft", "train_policy", "evaluate", "register")
 # Errors a stage raises for bad input, a failed check or the system (a missing file, a full disk):
 # a message and exit 1, no traceback.
 STAGE_ERRORS = (ValueError, KeyError, OSError, NotImplementedError, FloatingPointError, ChildProcessError)

@@ -1,12 +1,14 @@
-"""Stage 6, evaluate: trained policy against the base and against the current champion, on the
-held-out scenarios.
+"""Stage 7, evaluate: trained policy against the base, the SFT policy it started from (when
+`sft.enabled`) and the current champion, on the held-out scenarios.
 
 All policies see the same scenarios, the same scripted users and the same sampling seed, and are
 scored by the same composite reward. Reported (`paths.metrics`/eval.json, DVC metrics, and MLflow):
-mean composite reward and each component, paired bootstrap CIs of trained - base and trained -
-champion over scenarios, judge win rates of trained against each (each pair judged in both orders;
-ties and unjudged pairs counted; position consistency), reply length, the KL of trained from base on
-its own samples, and a per-domain breakdown. A run whose reward rises while the judge prefers the
+mean composite reward and each component; the tool-call rate on scenarios with tools and the
+share of calls that succeeded, overall and per domain; paired bootstrap CIs over scenarios of
+trained - base, trained - sft (what GRPO added on top of SFT) and trained - champion, overall and
+per domain; judge win rates of trained against the base and the champion (each pair judged in both
+orders; ties and unjudged pairs counted; position consistency); reply length; the KL of trained
+from base on its own samples. A run whose reward rises while the judge prefers the
 base (over at least `evaluate.min_judged` judged pairs), or whose reply length drifts past
 `evaluate.max_length_ratio`, is flagged, and a flagged version cannot be promoted. The judge counts
 only when its agreement with the heuristic in label (`paths.metrics`/label.json) reaches
@@ -46,6 +48,7 @@ from grpo.judge import judge_groups
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig, rollout_in_chunks
+from grpo.sft import SFTConfig
 from grpo_agents.params import BaseModelParams, JudgeParams, Paths, RegisterParams
 from mlflow_io.registry import download_policy, sync_champion
 from mlflow_io.tracking import log_metrics, log_table, log_text
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 def run(
     evaluate: EvaluateConfig,
+    sft: SFTConfig,
     rollout: RolloutConfig,
     reward: RewardConfig,
     judge: JudgeParams,
@@ -84,7 +88,12 @@ def run(
             user_model=base,
         )
 
-    trajectories = {"base": rollouts(base, tokenizer, "base"), "trained": rollouts(trained, tokenizer, "trained")}
+    trajectories = {"base": rollouts(base, tokenizer, "base")}
+    if sft.enabled:  # SFT only, against which trained shows what GRPO added
+        model, _ = load_policy(paths.sft_model, device)
+        trajectories["sft"] = rollouts(model, tokenizer, "sft")
+        del model
+    trajectories["trained"] = rollouts(trained, tokenizer, "trained")
     champion_version = sync_champion(MlflowClient(), register.model_name, paths)
     if champion_version:
         with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +106,9 @@ def run(
     verdicts = {}
     for other in [k for k in tables if k != "trained"]:
         verdicts[f"vs_{other}"] = win_rate([])
-        if judge.enabled and evaluate.judge_scenarios:
+        if (
+            judge.enabled and evaluate.judge_scenarios and other != "sft"
+        ):  # the judge guards against the base and champion
             groups, flips = pairs_to_judge(held_out, tables["trained"], tables[other], evaluate.judge_scenarios, seed)
             # each pair in both orders: the judge's preference for a position cancels out, and is measured
             both = groups + [(domain, pair[::-1]) for domain, pair in groups]
@@ -137,6 +148,7 @@ def run(
     d = result["vs_base"]
     return {
         "base": result["base"]["reward_mean"],
+        **({"sft": result["sft"]["reward_mean"], "diff_sft": result["vs_sft"]["mean"]} if "sft" in result else {}),
         "trained": result["trained"]["reward_mean"],
         "diff": d["mean"],
         "ci_low": d["ci_low"],

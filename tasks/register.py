@@ -1,4 +1,4 @@
-"""Stage 7, register: log the trained policy and the reward model to the MLflow registry and
+"""Stage 8, register: log the trained policy and the reward model to the MLflow registry and
 gate the policy's promotion.
 
 Every new version gets the alias ``challenger``. ``champion`` moves to it only through the gate in

@@ -1,8 +1,9 @@
-"""Stage 5, train_policy: GRPO with LoRA on the base policy over multi-turn scenario episodes.
+"""Stage 6, train_policy: GRPO with LoRA on the SFT policy (or, with `sft.enabled: false`, the base
+model) over multi-turn scenario episodes.
 
-Reads the base model, the prepared train set, the reward model and the calibration; writes the
-merged policy to `paths.policy`, `paths.metrics`/train.json and the per-step curve
-`paths.plots`/train.csv. The reference policy is the base with the adapter disabled.
+Reads that policy, the prepared train set, the reward model and the calibration; writes the merged
+policy to `paths.policy`, `paths.metrics`/train.json and the per-step curve `paths.plots`/train.csv.
+The reference policy is the starting one (the adapter disabled).
 `train_policy.backend` picks the native loop (grpo/trainer.py) or TRL's GRPOTrainer
 (grpo/trl_backend.py) on the same episodes.
 
@@ -26,6 +27,7 @@ from grpo.io import atomic_path, read_json, tree_sha256, write_json
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig
+from grpo.sft import SFTConfig
 from grpo.trainer import GRPOConfig, train
 from grpo_agents.params import Paths
 from grpo_agents.stages import launch_ranks
@@ -34,6 +36,7 @@ from mlflow_io.tracking import log_metrics
 
 def run(
     train_policy: GRPOConfig,
+    sft: SFTConfig,
     rollout: RolloutConfig,
     reward: RewardConfig,
     seed: int,
@@ -43,23 +46,25 @@ def run(
 ) -> dict:
     ranks = train_policy.distributed.world_size
     if ranks > 1 and not distributed.is_worker():
-        sections = {"train_policy": train_policy, "rollout": rollout, "reward": reward, "seed": seed}
+        sections = {"train_policy": train_policy, "sft": sft, "rollout": rollout, "reward": reward, "seed": seed}
         launch_ranks("train_policy", ranks, {**sections, "encoder": encoder, "device": device, "paths": paths})
         return read_json(f"{paths.metrics}/train.json")
     config = train_policy.model_copy(update={"seed": seed})
     train_set = scenarios.from_frame(pd.read_parquet(f"{paths.prepared}/train.parquet"))
     where = distributed.device(device)
     distributed.init(where)
-    model, tokenizer = load_policy(paths.base_model, str(where))
+    start = paths.policy_start(sft)
+    model, tokenizer = load_policy(start, str(where))
     env = ConversationEnvironment(tokenizer, rollout)
     composite = load_composite(reward, paths.calibration, paths.reward_model, encoder, model.device.type)
 
     # A checkpoint resumes only the same run: the same config, scenarios and rollout (the trainer
-    # adds those), reward settings, calibration, reward model and base model.
+    # adds those), reward settings, calibration, reward model and starting policy.
     fingerprint = {
         "reward": reward.model_dump(),
         "encoder": encoder,
-        **{f"sha256.{k}": tree_sha256(getattr(paths, k)) for k in ("base_model", "reward_model")},
+        "sha256.start_model": tree_sha256(start),
+        "sha256.reward_model": tree_sha256(paths.reward_model),
         "sha256.calibration": hashlib.sha256(Path(paths.calibration).read_bytes()).hexdigest(),
     }
 

@@ -99,6 +99,7 @@ def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
             "train_reward.patience": 30,
             "train_reward.unfreeze_epochs": 1,
             "train_reward.min_spearman": -1.0,
+            "sft.epochs": 1,
             "train_policy.steps": 2,
             "train_policy.scenarios_per_step": 2,
             "train_policy.group_size": 2,
@@ -146,6 +147,8 @@ def check_outputs(project: Path) -> dict:
         "data/labels/labels.parquet",
         "data/models/reward/head.pt",
         "data/calibration/calibration.json",
+        "data/models/sft/model.safetensors",
+        "plots/sft.csv",
         "data/models/policy/model.safetensors",
         "plots/train.csv",
         "plots/eval.csv",
@@ -159,6 +162,10 @@ def check_outputs(project: Path) -> dict:
     assert ev["vs_base"]["ci_low"] <= ev["vs_base"]["mean"] <= ev["vs_base"]["ci_high"]
     assert {"empathy", "coverage", "similarity", "safety", "reward_model", "reply_words"} <= set(ev["trained"])
     assert set(ev["per_domain"]) == {"customer_service", "technical_support", "sales", "tutoring"}
+    assert ev["vs_sft"]["ci_low"] <= ev["vs_sft"]["mean"] <= ev["vs_sft"]["ci_high"]
+    assert 0 <= ev["sft"]["tool_call_rate"] <= 1 and set(ev["per_domain_vs"]["sales"]) == {"vs_base", "vs_sft"}
+    sft = json.loads((project / "metrics/sft.json").read_text())
+    assert sft["enabled"] == 1 and sft["tool_demonstrations"] > 0 and sft["steps"] > 0
     assert (
         ev["judge"]["vs_base"]["wins"]
         + ev["judge"]["vs_base"]["losses"]

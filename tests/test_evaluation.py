@@ -76,7 +76,7 @@ def test_policy_kl_is_zero_against_itself_and_positive_against_another(tiny_mode
 def tables(trained_shift: float, n: int = 8) -> dict:
     import pandas as pd
 
-    def table(shift: float, words: float) -> pd.DataFrame:
+    def table(shift: float, words: float, called: float = 0.5) -> pd.DataFrame:
         return pd.DataFrame(
             {
                 "scenario_id": [f"s{i}" for i in range(n)],
@@ -84,13 +84,17 @@ def tables(trained_shift: float, n: int = 8) -> dict:
                 "reward": [0.1 * i + shift for i in range(n)],
                 "empathy": [0.5] * n,
                 "reply_words": [words] * n,
+                "has_tools": [i < n // 2 for i in range(n)],  # the first half has tools
+                "called": [called if i < n // 2 else 0.0 for i in range(n)],
+                "calls": [2 * called if i < n // 2 else 0 for i in range(n)],  # two samples a scenario
+                "calls_ok": [1 if i == 0 and called else 0 for i in range(n)],
                 "example": [
                     [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}] for i in range(n)
                 ],
             }
         )
 
-    return {"base": table(0.0, 10.0), "trained": table(trained_shift, 12.0)}
+    return {"base": table(0.0, 10.0, called=0.0), "trained": table(trained_shift, 12.0)}
 
 
 def evaluate_config(ci_level: float):
@@ -117,6 +121,16 @@ def test_compare_reports_means_cis_domains_and_flags():
     assert result["trained"]["reward_mean"] - result["base"]["reward_mean"] == pytest.approx(0.2)
     assert result["vs_base"]["mean"] == pytest.approx(0.2) and result["vs_base"]["level"] == 0.9
     assert result["per_domain"]["sales"]["trained"] == pytest.approx(0.5) and result["trained"]["empathy"] == 0.5
+    # tool use: episodes with a call on scenarios with tools; calls that succeeded (none made: NaN)
+    assert result["trained"]["tool_call_rate"] == 0.5 and result["trained"]["tool_success"] == 0.25
+    assert result["base"]["tool_call_rate"] == 0.0 and np.isnan(result["base"]["tool_success"])
+    assert result["per_domain_tools"]["sales"]["trained"] == {"tool_call_rate": 0.5, "tool_success": 0.5}
+    assert result["per_domain_vs"]["tutoring"]["vs_base"]["mean"] == pytest.approx(0.2)
+    with_sft = compare({**tables(0.2), "sft": tables(0.1)["trained"]}, judge, 0.01, config, seed=0)
+    assert with_sft["vs_sft"]["mean"] == pytest.approx(0.1) and set(with_sft["per_domain_vs"]["sales"]) == {
+        "vs_base",
+        "vs_sft",
+    }
     assert result["flagged"] and "judge win rate is 0.00" in result["flags"][0]  # the judge prefers the base
     assert result["judge_trusted"]
     at_chance = compare(tables(0.2), judge, 0.01, config, seed=0, judge_agreement=0.5)  # or never measured

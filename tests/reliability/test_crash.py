@@ -39,6 +39,7 @@ KILL_AT = {
     "label": (DVC, "served on"),  # rollouts done, the judge is answering
     "train_reward": (DVC, "Saving model to"),  # the reward model's directory is being written
     "calibrate": (FLOW, "Loading weights"),  # the reward model's encoder loads
+    "sft": (DVC, "'loss': "),  # SFTTrainer logged its first step
     "train_policy": (FLOW, Path("data/checkpoints/policy/checkpoint.pt")),
     "evaluate": (DVC, "eval trained"),  # the base is evaluated, the trained policy is being
     "register": (FLOW, "of model 'grpo-agent'"),  # the agent's version exists; its alias and gate do not yet
