@@ -4,6 +4,7 @@ rates, reward-hacking flags, the KL between two policies, and the comparison rep
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,13 @@ NON_COMPONENTS = (
 )
 
 
+class ExtraSet(Config):
+    """A second held-out set, imported as prepare imports (grpo/imports.py)."""
+
+    source: dict[str, Any] = Field(description="a prepare.sources entry: path, format, domain, columns ...")
+    max_scenarios: int | None = Field(24, ge=1, description="a fixed, seeded subset; null: all")
+
+
 class EvaluateConfig(Config):
     """How policies are compared (params.yaml ``evaluate``)."""
 
@@ -45,6 +53,9 @@ class EvaluateConfig(Config):
     samples_per_scenario: int = Field(ge=1)
     bootstrap: int = Field(ge=100, description="bootstrap resamples for the paired CI")
     ci_level: float = Field(gt=0, lt=1)
+    extra_sets: dict[str, ExtraSet] = Field(
+        default_factory=dict, description="more held-out sets by name, e.g. real conversations; see README"
+    )
 
 
 def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
@@ -163,6 +174,28 @@ def pairs_to_judge(scenarios: list, ours: pd.DataFrame, theirs: pd.DataFrame, n:
     return groups, flips
 
 
+def versus(tables: dict[str, pd.DataFrame], config: EvaluateConfig, seed: int) -> dict:
+    """``vs_<name>``: the paired bootstrap CI of trained - each other policy, over scenarios."""
+    trained = tables["trained"]["reward"].to_numpy()
+    return {
+        f"vs_{k}": paired_bootstrap_ci(t["reward"].to_numpy(), trained, config.bootstrap, config.ci_level, seed)
+        for k, t in tables.items()
+        if k != "trained"
+    }
+
+
+def compare_extra(tables: dict[str, pd.DataFrame], config: EvaluateConfig, seed: int, excluded: int) -> dict:
+    """The result on an extra held-out set: each policy's means (``similarity`` is to the set's
+    reference replies), trained against each other policy, and how many of the set's rows were
+    left out because training used them."""
+    return {
+        **{k: means(t) for k, t in tables.items()},
+        **versus(tables, config, seed),
+        "scenarios": len(tables["trained"]),
+        "excluded_training_rows": excluded,
+    }
+
+
 def compare(
     tables: dict[str, pd.DataFrame],
     judge: dict[str, dict],
@@ -189,10 +222,7 @@ def compare(
         judge_trusted=bool(judge_agreement >= config.min_judge_agreement),  # NaN (never measured): not trusted
     )
     heard = judge if result["judge_trusted"] else {k: {} for k in judge}
-    for other in [k for k in tables if k != "trained"]:
-        result[f"vs_{other}"] = paired_bootstrap_ci(
-            tables[other]["reward"], trained["reward"], config.bootstrap, config.ci_level, seed
-        )
+    result.update(versus(tables, config, seed))
     result["per_domain"] = {
         d: {k: float(t.loc[t["domain"] == d, "reward"].mean()) for k, t in tables.items()}
         for d in sorted(set(trained["domain"]))
@@ -205,13 +235,7 @@ def compare(
         result["per_domain_tools"][d] = {
             k: {m: means(t[rows])[m] for m in ("tool_call_rate", "tool_success")} for k, t in tables.items()
         }
-        result["per_domain_vs"][d] = {
-            f"vs_{other}": paired_bootstrap_ci(
-                tables[other]["reward"][rows], trained["reward"][rows], config.bootstrap, config.ci_level, seed
-            )
-            for other in tables
-            if other != "trained"
-        }
+        result["per_domain_vs"][d] = versus({k: t[rows] for k, t in tables.items()}, config, seed)
     length_ratio = result["trained"]["reply_words"] / max(result["base"]["reply_words"], 1e-9)
     result["flags"] = hacking_flags(
         result["vs_base"]["mean"], heard["vs_base"], config.max_length_ratio, length_ratio, config.min_judged
@@ -277,6 +301,23 @@ def report_markdown(result: dict, tables: dict[str, pd.DataFrame], n_examples: i
     ]
     for dom, row in result["per_domain"].items():
         lines.append(f"| {dom} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+    for name, r in result.get("extra_sets", {}).items():
+        shown = [n for n in names if n in r]
+        lines += [
+            "",
+            f"## {name}: {r['scenarios']} imported held-out scenarios ({r['excluded_training_rows']} rows left out: "
+            "in the train set)",
+            "",
+            "| metric | " + " | ".join(shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
+        for k in ("reward_mean", "similarity", "reply_words"):
+            lines.append(f"| {k} | " + " | ".join(f"{r[n].get(k, float('nan')):.3f}" for n in shown) + " |")
+        lines += [""] + [
+            f"- trained - {o}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            for o in shown
+            if (d := r.get(f"vs_{o}"))
+        ]
     lines += ["", "## Examples", ""]
     for i in range(min(n_examples, len(tables["trained"]))):
         lines.append(f"### {tables['trained'].scenario_id[i]}")

@@ -112,6 +112,11 @@ def materialise(spec: str, out_dir: str | Path) -> dict:
     }
 
 
+def non_finite(model) -> list[str]:
+    """The names of the parameters holding NaN or inf."""
+    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
 def lora_config(r: int, alpha: int):
     """The LoRA adapter SFT and both GRPO backends train: every linear layer, no dropout."""
     from peft import LoraConfig

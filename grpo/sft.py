@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import re
 import tempfile
 
+import torch
 from pydantic import Field
 
 from grpo.config import Config
@@ -32,8 +32,6 @@ from grpo.models import lora_config
 from grpo.rollout import ConversationEnvironment, Trajectory, encode
 from grpo.scenarios import Scenario
 from grpo.tools import call_text, call_tool
-
-log = logging.getLogger(__name__)
 
 # The order in which a scenario's tools are tried for its demonstration: look before acting.
 PREFERENCE = ("check_order_status", "lookup_account", "search_knowledge_base", "create_ticket", "process_refund")
@@ -150,7 +148,7 @@ def train_sft(model, tokenizer, demos: list[Trajectory], config: SFTConfig, seed
         args = TRLSFTConfig(
             output_dir=out,
             use_cpu=device == "cpu",
-            bf16=False,
+            bf16=model.dtype == torch.bfloat16,  # grpo/models.py policy_dtype: bf16 weights on a GPU that has it
             num_train_epochs=config.epochs,
             learning_rate=config.learning_rate,
             per_device_train_batch_size=config.batch_size,

@@ -53,6 +53,7 @@ class Paths(Config):
     plots: str
     mlflow_db: str
     mlflow_artifacts: str
+    eval_sets: str
     champion: str
 
     def policy_start(self, sft: SFTConfig) -> str:

@@ -35,7 +35,9 @@ from mlflow import MlflowClient
 from grpo import scenarios
 from grpo.evaluation import (
     EvaluateConfig,
+    ExtraSet,
     compare,
+    compare_extra,
     pairs_to_judge,
     policy_kl,
     report_markdown,
@@ -43,6 +45,7 @@ from grpo.evaluation import (
     side_by_side,
     win_rate,
 )
+from grpo.imports import import_source
 from grpo.io import atomic_path, read_json, write_json
 from grpo.judge import judge_groups
 from grpo.models import load_policy
@@ -75,40 +78,45 @@ def run(
     trained, _ = load_policy(paths.policy, device)
     composite = load_composite(reward, paths.calibration, paths.reward_model, encoder, base.device.type)
 
-    def rollouts(model, model_tokenizer, name: str):
+    def rollouts(model, model_tokenizer, name: str, on: list):
         """Every policy meets the same users: the same seed and, with `rollout.user: llm`, the base model."""
         torch.manual_seed(seed)
         return rollout_in_chunks(
             ConversationEnvironment(model_tokenizer, rollout),
             model,
-            held_out,
+            on,
             evaluate.samples_per_scenario,
-            len(held_out),
+            len(on),
             desc=f"eval {name}",
             user_model=base,
         )
 
-    trajectories = {"base": rollouts(base, tokenizer, "base")}
+    policies = {"base": base}
     if sft.enabled:  # SFT only, against which trained shows what GRPO added
-        model, _ = load_policy(paths.sft_model, device)
-        trajectories["sft"] = rollouts(model, tokenizer, "sft")
-        del model
-    trajectories["trained"] = rollouts(trained, tokenizer, "trained")
+        policies["sft"] = load_policy(paths.sft_model, device)[0]
+    policies["trained"] = trained
+    trajectories = {k: rollouts(model, tokenizer, k, held_out) for k, model in policies.items()}
     champion_version = sync_champion(MlflowClient(), register.model_name, paths)
     if champion_version:
         with tempfile.TemporaryDirectory() as tmp:
             model, model_tokenizer = load_policy(download_policy(register.model_name, champion_version, tmp), device)
-            trajectories["champion"] = rollouts(model, model_tokenizer, f"champion v{champion_version}")
+            trajectories["champion"] = rollouts(model, model_tokenizer, f"champion v{champion_version}", held_out)
             del model
     tables = {k: score(v, held_out, composite) for k, v in trajectories.items()}
+    extra = {}
+    for name, spec in evaluate.extra_sets.items():
+        chosen, excluded = extra_scenarios(name, spec, f"{paths.prepared}/train.parquet", seed)
+        on_set = {
+            k: score(rollouts(m, tokenizer, f"{name} {k}", chosen), chosen, composite) for k, m in policies.items()
+        }
+        extra[name] = compare_extra(on_set, evaluate, seed, excluded)
 
     kl = policy_kl(trained, base, trajectories["trained"], tokenizer.pad_token_id, rollout.temperature)
     verdicts = {}
     for other in [k for k in tables if k != "trained"]:
         verdicts[f"vs_{other}"] = win_rate([])
-        if (
-            judge.enabled and evaluate.judge_scenarios and other != "sft"
-        ):  # the judge guards against the base and champion
+        # the judge guards trained against the base and the champion; against SFT the reward's CI tells
+        if judge.enabled and evaluate.judge_scenarios and other != "sft":
             groups, flips = pairs_to_judge(held_out, tables["trained"], tables[other], evaluate.judge_scenarios, seed)
             # each pair in both orders: the judge's preference for a position cancels out, and is measured
             both = groups + [(domain, pair[::-1]) for domain, pair in groups]
@@ -117,6 +125,7 @@ def run(
     label = Path(paths.metrics, "label.json")
     agreement = read_json(label).get("judge_heuristic_pairwise", float("nan")) if label.exists() else float("nan")
     result = compare(tables, verdicts, kl, evaluate, seed, champion_version, agreement)
+    result["extra_sets"] = extra
     if not result["judge_trusted"]:
         log.warning(
             "the judge's agreement with the heuristic in label is %.2f (evaluate.min_judge_agreement %.2f): "
@@ -136,6 +145,8 @@ def run(
         log_metrics({f"{k}.{m}": v for m, v in result[k].items()})
     for k, w in result["judge"].items():
         log_metrics({f"judge.{k}.{m}": v for m, v in w.items()})
+    for name, r in extra.items():
+        log_metrics({f"{name}.{k}.{m}": v for k, row in r.items() if isinstance(row, dict) for m, v in row.items()})
     log_metrics(
         {
             "kl_trained_base": kl,
@@ -156,6 +167,24 @@ def run(
         "champion_version": champion_version,
         "flagged": result["flagged"],
     }
+
+
+def extra_scenarios(name: str, spec: ExtraSet, train_file: str, seed: int) -> tuple[list, int]:
+    """``(scenarios, rows left out)`` of an imported held-out set (`evaluate.extra_sets`), read
+    through prepare's import path with PII masked. A row whose opening or id is in the train set is
+    left out and counted: rows used for training are never evaluated."""
+    raw, _ = import_source(spec.source, mask=False)
+    masked, _ = import_source(spec.source, mask=True)
+    train = pd.read_parquet(train_file, columns=["id", "opening"])
+    used = set(train["opening"]) | set(train["id"])
+    fresh = [m for r, m in zip(raw, masked) if not {r.opening, m.opening, r.id} & used]
+    chosen = scenarios.subsample(fresh, spec.max_scenarios, seed)
+    if not chosen:
+        raise ValueError(f"evaluate.extra_sets.{name}: every row of {spec.source['path']} is in the train set")
+    log.info(
+        "extra set %s: %d scenarios; %d rows left out (in the train set)", name, len(chosen), len(raw) - len(fresh)
+    )
+    return chosen, len(raw) - len(fresh)
 
 
 if __name__ == "__main__":

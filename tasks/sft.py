@@ -20,7 +20,7 @@ import torch
 
 from grpo import scenarios
 from grpo.io import atomic_path, write_json
-from grpo.models import load_policy
+from grpo.models import load_policy, non_finite
 from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.sft import SFTConfig, demonstrations, train_sft
 from grpo_agents.params import Paths
@@ -31,9 +31,11 @@ SKIPPED = "SKIPPED.json"  # what a disabled stage writes in paths.sft_model
 
 
 def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: Paths) -> dict:
-    if not sft.enabled:
+    if not sft.enabled:  # every output DVC expects exists, saying that the stage was skipped
         with atomic_path(paths.sft_model, is_dir=True) as tmp:
             write_json(f"{tmp}/{SKIPPED}", {"enabled": False, "start_model": paths.base_model})
+        with atomic_path(f"{paths.plots}/sft.csv") as tmp:
+            pd.DataFrame(columns=["step", "loss", "mean_token_accuracy"]).to_csv(tmp, index=False)
         summary = {"enabled": 0}
         write_json(f"{paths.metrics}/sft.json", summary)
         log.info("sft.enabled is false: train_policy starts from %s", paths.base_model)
@@ -47,6 +49,17 @@ def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: P
             "arguments its opening names, or an example response); set sft.enabled: false"
         )
     with_tools = sum(d.tool_calls for d in demos)
+    longest = [max(map(len, agent_runs(d))) for d in demos]  # each demonstration's longest agent turn
+    too_long = sum(n > rollout.max_new_tokens for n in longest)
+    if too_long:  # the policy would learn replies that rollouts cut off
+        log.warning(
+            "sft: %d of %d demonstrations have an agent turn longer than rollout.max_new_tokens %d (the "
+            "longest: %d tokens); rollouts will cut those replies, tool calls included: raise it",
+            too_long,
+            len(demos),
+            rollout.max_new_tokens,
+            max(longest),
+        )
     log.info(
         "sft: %d demonstrations (%d with a tool call) from %d training scenarios; %d give none",
         len(demos),
@@ -58,7 +71,7 @@ def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: P
     t0 = time.perf_counter()
     merged, history = train_sft(model, tokenizer, demos, sft, seed, model.device.type)
     seconds = time.perf_counter() - t0
-    bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite(merged)
     if bad:
         raise FloatingPointError(f"non-finite weights in {', '.join(bad[:5])}; the SFT policy was not written")
     with atomic_path(paths.sft_model, is_dir=True) as tmp:
@@ -82,6 +95,20 @@ def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: P
         log_metrics({"loss": row["loss"]}, row["step"])
     log_metrics(summary)
     return summary
+
+
+def agent_runs(t) -> list[list[int]]:
+    """A trajectory's agent turns: its runs of masked tokens, each with its end-of-turn token."""
+    runs, current = [], []
+    for token, masked in zip(t.input_ids, t.assistant_mask):
+        if masked:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
 
 
 if __name__ == "__main__":

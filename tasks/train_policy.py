@@ -20,11 +20,10 @@ from functools import partial
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from grpo import distributed, scenarios
 from grpo.io import atomic_path, read_json, tree_sha256, write_json
-from grpo.models import load_policy
+from grpo.models import load_policy, non_finite
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.sft import SFTConfig
@@ -90,7 +89,7 @@ def run(
     if not distributed.is_main():
         return {}
     merged = model.merge_and_unload()
-    bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite(merged)
     if bad:  # an update the step checks let through (the TRL backend applies a step before it logs)
         raise FloatingPointError(f"non-finite weights in {', '.join(bad[:5])}; the policy was not written")
     with atomic_path(paths.policy, is_dir=True) as tmp:

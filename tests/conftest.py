@@ -99,6 +99,7 @@ def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
             "train_reward.patience": 30,
             "train_reward.unfreeze_epochs": 1,
             "train_reward.min_spearman": -1.0,
+            "sft.enabled": True,  # the tests take the SFT path (off by default: README "Supervised warm start")
             "sft.epochs": 1,
             "train_policy.steps": 2,
             "train_policy.scenarios_per_step": 2,
@@ -107,6 +108,7 @@ def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
             "evaluate.bootstrap": 200,
             "evaluate.max_scenarios": 8,
             "evaluate.judge_scenarios": 2,
+            "evaluate.extra_sets.bitext.max_scenarios": 4,
             "register.require_ci": False,
             "register.min_improvement": -1.0,
         },
@@ -164,6 +166,9 @@ def check_outputs(project: Path) -> dict:
     assert set(ev["per_domain"]) == {"customer_service", "technical_support", "sales", "tutoring"}
     assert ev["vs_sft"]["ci_low"] <= ev["vs_sft"]["mean"] <= ev["vs_sft"]["ci_high"]
     assert 0 <= ev["sft"]["tool_call_rate"] <= 1 and set(ev["per_domain_vs"]["sales"]) == {"vs_base", "vs_sft"}
+    bitext = ev["extra_sets"]["bitext"]
+    assert bitext["scenarios"] == 4 and bitext["excluded_training_rows"] == 0 and "similarity" in bitext["trained"]
+    assert bitext["vs_base"]["ci_low"] <= bitext["vs_base"]["mean"] <= bitext["vs_base"]["ci_high"]
     sft = json.loads((project / "metrics/sft.json").read_text())
     assert sft["enabled"] == 1 and sft["tool_demonstrations"] > 0 and sft["steps"] > 0
     assert (

@@ -166,3 +166,44 @@ def test_report_and_pairs_to_judge():
     assert {domain for domain, _ in groups} == {"sales", "tutoring"}
     for (_, pair), flip in zip(groups, flips):
         assert pair[flip] is not pair[1 - flip] and all(len(c) == 2 for c in pair)
+
+
+def test_an_extra_set_leaves_out_the_rows_training_used(tmp_path):
+    """evaluate.extra_sets: imported as prepare imports, PII masked; a row whose opening (masked or
+    not) or id is in the train set is never evaluated, and is counted."""
+    import pandas as pd
+
+    from grpo.evaluation import ExtraSet
+    from grpo.scenarios import Scenario, to_frame
+    from tasks.evaluate import extra_scenarios
+
+    rows = pd.DataFrame(
+        {
+            "instruction": ["where is my parcel", "mail me at a@b.com", "cancel order 12", "I want a refund"],
+            "response": ["r1", "r2", "r3", "r4"],
+        }
+    )
+    rows.to_csv(tmp_path / "set.csv", index=False)
+    spec = ExtraSet(
+        source={
+            "path": str(tmp_path / "set.csv"),
+            "format": "csv",
+            "domain": "customer_service",
+            "columns": {"opening": "instruction", "example_response": "response"},
+        },
+        max_scenarios=None,
+    )
+    trained_on = [
+        Scenario(id="x", domain="sales", persona="p", goal="g", opening="where is my parcel"),  # the raw text
+        Scenario(id="y", domain="sales", persona="p", goal="g", opening="mail me at [EMAIL]"),  # as prepare masked it
+        Scenario(id="set-00003", domain="sales", persona="p", goal="g", opening="something else"),  # the same row id
+    ]
+    to_frame(trained_on).to_parquet(tmp_path / "train.parquet")
+    chosen, excluded = extra_scenarios("s", spec, str(tmp_path / "train.parquet"), seed=0)
+    assert [s.opening for s in chosen] == ["I want a refund"] and excluded == 3
+    assert chosen[0].example_responses == ["r4"]
+    to_frame(
+        [*trained_on, Scenario(id="z", domain="sales", persona="p", goal="g", opening="I want a refund")]
+    ).to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match="evaluate.extra_sets.s: every row of .*set.csv is in the train set"):
+        extra_scenarios("s", spec, str(tmp_path / "train.parquet"), seed=0)

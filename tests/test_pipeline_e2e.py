@@ -137,6 +137,17 @@ def test_chat_with_the_champion_in_the_terminal(flow_project):
     assert res.returncode == 1 and "error: no scenario 'nope' in data/prepared" in res.stderr
 
 
+def test_dvc_repro_with_sft_off_writes_what_dvc_expects(tmp_path, tiny_model_dir):
+    """The default, sft.enabled false: the stage writes every output dvc.yaml declares (a note that it
+    was skipped), so `dvc repro` goes on, and train_policy starts from the base."""
+    project, env = make_project(tmp_path, tiny_model_dir)
+    write_params(project / "params.yaml", {"sft.enabled": False}, source=project / "params.yaml")
+    sh([str(BIN / "dvc"), "repro", "sft"], project, env)
+    assert json.loads((project / "metrics/sft.json").read_text()) == {"enabled": 0}
+    assert json.loads((project / "data/models/sft/SKIPPED.json").read_text())["start_model"] == "data/models/base"
+    assert pd.read_csv(project / "plots/sft.csv").empty and dvc_status(project, env).get("sft") is None
+
+
 def test_a_failed_dvc_repro_keeps_the_previous_outputs(tmp_path, tiny_model_dir):
     """DVC deletes a stage's outputs before running it unless they persist; ours do, so a stage that
     fails on bad input leaves the previous version in place, and dvc.lock still describes it."""

@@ -74,7 +74,7 @@ def test_example_responses_make_the_other_demonstrations_and_the_rest_are_left_o
     assert [m["role"] for m in one_turn[0].messages] == ["system", "user", "assistant"]
 
 
-def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_model_dir, monkeypatch):
+def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_model_dir, monkeypatch, caplog):
     """The eval scenarios would give demonstrations too (tools and ids, examples): none is used."""
     import tasks.sft
     from grpo_agents.params import load_params
@@ -92,6 +92,7 @@ def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_
 
     monkeypatch.setattr(tasks.sft, "train_sft", fake_train)
     monkeypatch.setattr(tasks.sft, "log_metrics", lambda *a, **k: None)
+    caplog.set_level("WARNING", logger="tasks.sft")
     params = load_params()
     paths = params.paths.model_copy(
         update={
@@ -102,18 +103,22 @@ def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_
             "plots": str(tmp_path / "plots"),
         }
     )
-    summary = tasks.sft.run(params.sft, params.rollout, 7, "cpu", paths)
+    on = params.sft.model_copy(update={"enabled": True})
+    summary = tasks.sft.run(on, params.rollout, 7, "cpu", paths)
     assert (
         seen["ids"] == ["late"] and summary["demonstrations"] == 1 and summary["scenarios_without_demonstration"] == 1
     )
     assert (tmp_path / "sft/model.safetensors").exists()
     assert json.loads((tmp_path / "metrics/sft.json").read_text())["tool_demonstrations"] == 1
+    assert len(pd.read_csv(tmp_path / "plots/sft.csv")) == 1
+    # the call alone is 36 tokens: rollouts of 32 would cut it, and the stage says so
+    assert params.rollout.max_new_tokens == 32 and "1 of 1 demonstrations have an agent turn longer" in caplog.text
     # disabled: a note, and train_policy starts from the base model
     off = params.sft.model_copy(update={"enabled": False})
     assert tasks.sft.run(off, params.rollout, 7, "cpu", paths) == {"enabled": 0}
     assert not (tmp_path / "sft/model.safetensors").exists() and (tmp_path / "sft/SKIPPED.json").exists()
-    assert paths.policy_start(off) == str(tiny_model_dir) and paths.policy_start(params.sft) == str(tmp_path / "sft")
-    pd.read_csv(tmp_path / "plots/sft.csv")
+    assert pd.read_csv(tmp_path / "plots/sft.csv").empty  # every output dvc.yaml declares is there
+    assert paths.policy_start(off) == str(tiny_model_dir) and paths.policy_start(on) == str(tmp_path / "sft")
 
 
 def test_sft_teaches_the_call_format(tokenizer):
