@@ -112,9 +112,17 @@ def materialise(spec: str, out_dir: str | Path) -> dict:
     }
 
 
-def non_finite(model) -> list[str]:
-    """The names of the parameters holding NaN or inf."""
-    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+def save_policy(model, tokenizer, out_dir: str) -> None:
+    """Write a trained policy (safetensors plus tokenizer) in place of ``out_dir``, whole or not at
+    all; a model with NaN or inf weights is refused and nothing is written."""
+    from grpo.io import atomic_path
+
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights in {', '.join(bad[:5])}; {out_dir} was not written")
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def lora_config(r: int, alpha: int):

@@ -70,6 +70,19 @@ class Trajectory:
     tool_calls: int = 0
     tool_errors: int = 0
 
+    def agent_runs(self) -> list[list[int]]:
+        """The token ids of each agent turn: the runs of masked tokens, in order."""
+        runs, current = [], []
+        for token, masked in zip(self.input_ids, self.assistant_mask):
+            if masked:
+                current.append(token)
+            elif current:
+                runs.append(current)
+                current = []
+        if current:
+            runs.append(current)
+        return runs
+
     def check(self) -> None:
         if len(self.input_ids) != len(self.assistant_mask):
             raise ValueError(f"trajectory {self.scenario_id}: ids and mask differ in length")

@@ -20,7 +20,7 @@ import torch
 
 from grpo import scenarios
 from grpo.io import atomic_path, write_json
-from grpo.models import load_policy, non_finite
+from grpo.models import load_policy, save_policy
 from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.sft import SFTConfig, demonstrations, train_sft
 from grpo_agents.params import Paths
@@ -49,7 +49,7 @@ def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: P
             "arguments its opening names, or an example response); set sft.enabled: false"
         )
     with_tools = sum(d.tool_calls for d in demos)
-    longest = [max(map(len, agent_runs(d))) for d in demos]  # each demonstration's longest agent turn
+    longest = [max(map(len, d.agent_runs())) for d in demos]  # each demonstration's longest agent turn
     too_long = sum(n > rollout.max_new_tokens for n in longest)
     if too_long:  # the policy would learn replies that rollouts cut off
         log.warning(
@@ -71,12 +71,7 @@ def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: P
     t0 = time.perf_counter()
     merged, history = train_sft(model, tokenizer, demos, sft, seed, model.device.type)
     seconds = time.perf_counter() - t0
-    bad = non_finite(merged)
-    if bad:
-        raise FloatingPointError(f"non-finite weights in {', '.join(bad[:5])}; the SFT policy was not written")
-    with atomic_path(paths.sft_model, is_dir=True) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    save_policy(merged, tokenizer, paths.sft_model)
     with atomic_path(f"{paths.plots}/sft.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     k = max(1, len(history) // 4)
@@ -95,20 +90,6 @@ def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: P
         log_metrics({"loss": row["loss"]}, row["step"])
     log_metrics(summary)
     return summary
-
-
-def agent_runs(t) -> list[list[int]]:
-    """A trajectory's agent turns: its runs of masked tokens, each with its end-of-turn token."""
-    runs, current = [], []
-    for token, masked in zip(t.input_ids, t.assistant_mask):
-        if masked:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return runs
 
 
 if __name__ == "__main__":

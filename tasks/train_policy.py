@@ -23,7 +23,7 @@ import pandas as pd
 
 from grpo import distributed, scenarios
 from grpo.io import atomic_path, read_json, tree_sha256, write_json
-from grpo.models import load_policy, non_finite
+from grpo.models import load_policy, save_policy
 from grpo.rewards import RewardConfig, load_composite
 from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.sft import SFTConfig
@@ -88,13 +88,8 @@ def run(
     )
     if not distributed.is_main():
         return {}
-    merged = model.merge_and_unload()
-    bad = non_finite(merged)
-    if bad:  # an update the step checks let through (the TRL backend applies a step before it logs)
-        raise FloatingPointError(f"non-finite weights in {', '.join(bad[:5])}; the policy was not written")
-    with atomic_path(paths.policy, is_dir=True) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    # refuses non-finite weights: an update the step checks let through (TRL applies a step before it logs)
+    save_policy(model.merge_and_unload(), tokenizer, paths.policy)
     with atomic_path(f"{paths.plots}/train.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     k = max(1, len(history) // 4)

@@ -38,16 +38,8 @@ def test_rollout_masks_exactly_the_sampled_tokens(tokenizer, tiny_model):
         assert len(t.input_ids) == len(t.assistant_mask) and t.assistant_mask[0] == 0
         prompt = encode(tokenizer, render(tokenizer, scen.first_messages(), True))
         assert t.input_ids[: len(prompt)] == prompt and not any(t.assistant_mask[: len(prompt)])
-        # split masked runs: each one is one agent turn, decoding to that turn's message
-        runs, cur = [], []
-        for tok, m in zip(t.input_ids, t.assistant_mask):
-            if m:
-                cur.append(tok)
-            elif cur:
-                runs.append(cur)
-                cur = []
-        if cur:
-            runs.append(cur)
+        # masked runs: each one is one agent turn, decoding to that turn's message
+        runs = t.agent_runs()
         replies = [m["content"] for m in t.messages if m["role"] == "assistant"]
         assert len(runs) == len(replies) == t.turns
         for run, reply in zip(runs, replies):
@@ -98,14 +90,7 @@ def scripted(env, replies):
 
 
 def masked_runs(t, tokenizer):
-    runs, cur = [], []
-    for tok, m in zip(t.input_ids + [None], t.assistant_mask + [0]):
-        if m:
-            cur.append(tok)
-        elif cur:
-            runs.append(tokenizer.decode(cur, skip_special_tokens=True).strip())
-            cur = []
-    return runs
+    return [tokenizer.decode(run, skip_special_tokens=True).strip() for run in t.agent_runs()]
 
 
 def test_tool_calls_run_against_the_episode_backend_and_are_context(tokenizer, tiny_model):
