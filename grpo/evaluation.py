@@ -208,8 +208,9 @@ def compare(
     """The evaluation result (eval.json): each policy's means, trained against each other policy
     (``vs_<name>``: paired bootstrap CI over scenarios; ``judge[vs_<name>]``: win rate), the
     per-domain breakdown and the reward-hacking flags. ``tables`` holds ``base`` and ``trained``,
-    ``sft`` (the SFT policy GRPO started from) when there is one, and ``champion`` when there is one. The judge's win rates count in the flags only when its
-    ``judge_agreement`` with the heuristic (label's) reaches ``config.min_judge_agreement``."""
+    ``sft`` (the SFT policy GRPO started from) and ``champion`` when there are such. The judge's
+    win rates count in the flags only when its ``judge_agreement`` with the heuristic (label's)
+    reaches ``config.min_judge_agreement``."""
     trained = tables["trained"]
     result = {k: means(t) for k, t in tables.items()}
     result.update(
@@ -233,7 +234,8 @@ def compare(
     for d in sorted(set(trained["domain"])):
         rows = (trained["domain"] == d).to_numpy()
         result["per_domain_tools"][d] = {
-            k: {m: means(t[rows])[m] for m in ("tool_call_rate", "tool_success")} for k, t in tables.items()
+            k: {m: v for m, v in means(t[rows]).items() if m in ("tool_call_rate", "tool_success")}
+            for k, t in tables.items()
         }
         result["per_domain_vs"][d] = versus({k: t[rows] for k, t in tables.items()}, config, seed)
     length_ratio = result["trained"]["reply_words"] / max(result["base"]["reply_words"], 1e-9)

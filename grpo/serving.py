@@ -7,8 +7,9 @@ emitted once the batched generation finishes (not token by token). ``tools`` and
 are rendered as the policy saw them in training (grpo/tools.py: ``training_form``), and a reply
 that calls one of the request's tools comes back as ``tool_calls`` (one call per reply, as in
 training). ``response_format`` with a JSON schema constrains generation to it (structured outputs,
-grpo/structured.py). The app knows nothing of MLflow: it is given a ``load`` callable that returns ``(model, tokenizer, model_name)``, and
-``app.state.server.reload()`` swaps in a new model without dropping requests in flight.
+grpo/structured.py). The app knows nothing of MLflow: it is given a ``load`` callable that returns
+``(model, tokenizer, model_name)``, and ``app.state.server.reload()`` swaps in a new model without
+dropping requests in flight.
 """
 
 from __future__ import annotations
