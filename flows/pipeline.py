@@ -10,6 +10,11 @@ One run at a time per project: the flow holds a file lock for its whole run, so 
 the CLI, a deployment or the schedule) is refused with a message instead of racing the first over
 params.yaml, dvc.lock and the registry. The deployments in prefect.yaml also queue their own runs
 (a concurrency limit of 1), so a second triggered run waits rather than fails.
+
+With ``rollout_workers`` > 1 (or a ``dask_address``), label's and evaluate's rollout jobs run as
+Prefect tasks (``rollout``) on a DaskTaskRunner (prefect-dask): a local cluster of that many
+worker processes, or the Dask cluster at the address. The outputs are the same as one after another
+(each job seeds itself), so DVC sees no difference.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +31,11 @@ from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from grpo.evaluation import ci_line
 from grpo.io import read_json
+from grpo.rollout import RolloutJob, run_job
 from grpo_agents import stages
 from grpo_agents.params import Params, load_params, set_params
 from mlflow_io.registry import sync_champion
@@ -50,6 +58,41 @@ def dvc_repo():
 def is_stale(stage: str) -> bool:
     with dvc_repo() as repo:
         return bool(repo.status(targets=[stage]))
+
+
+@task(name="rollout", task_run_name="{job.name}", cache_policy=NO_CACHE)
+def rollout(job: RolloutJob) -> tuple:
+    return run_job(job)
+
+
+class DaskJobMap:
+    """Runs rollout jobs as :func:`rollout` tasks on a prefect-dask DaskTaskRunner, on the Dask
+    cluster at ``address`` (its workers must see the project's paths and have this package
+    installed), or on a local cluster of ``workers`` processes, started at the first jobs and kept
+    for the flow run (:meth:`close`), so the second stage finds its workers warm. A local worker
+    runs a job with ``cpu_count // workers`` torch threads, so the workers do not oversubscribe the cores."""
+
+    def __init__(self, workers: int, address: str | None = None):
+        self.workers, self.address, self.cluster = workers, address, None
+        self.where = f"the Dask cluster at {address}" if address else f"a local Dask cluster of {workers} workers"
+
+    def __call__(self, jobs: list[RolloutJob]) -> list:
+        from prefect_dask import DaskTaskRunner
+
+        if not self.address and self.cluster is None:
+            from distributed import LocalCluster
+
+            self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True)
+        if self.cluster is not None:
+            jobs = [replace(j, threads=max(1, (os.cpu_count() or 1) // self.workers)) for j in jobs]
+        with DaskTaskRunner(address=self.address or self.cluster.scheduler_address) as runner:
+            futures = [runner.submit(rollout, {"job": j}) for j in jobs]
+            return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
 
 
 @task(name="stage")
@@ -84,16 +127,32 @@ def publish(stage: str, summary: dict, params: Params) -> None:
 
 
 @flow(name="grpo-pipeline", log_prints=True)
-def grpo_pipeline(force: bool = False, profile: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
+def grpo_pipeline(
+    force: bool = False,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    rollout_workers: int = 1,
+    dask_address: str | None = None,
+) -> dict:
     """Run every stale stage in DAG order (all of them with ``force``).
 
     ``profile`` and ``overrides`` (dotted params.yaml keys, e.g. ``{"train_policy.steps": 4}``) are
     written into params.yaml first, as ``dvc exp run -S`` does, so dvc.lock and every stage's MLflow
-    run record what ran."""
+    run record what ran. ``rollout_workers`` > 1 runs label's and evaluate's rollouts on a local
+    Dask cluster of that many processes; ``dask_address`` on an existing Dask cluster."""
     for name in stages.STAGE_LOGGERS:  # their INFO records too, not only warnings
         logging.getLogger(name).setLevel(logging.INFO)
-    with project_lock():
-        return run_pipeline(force, apply_overrides(profile, overrides))
+    if rollout_workers < 1:
+        raise ValueError(f"rollout_workers must be at least 1, got {rollout_workers}")
+    job_map = DaskJobMap(rollout_workers, dask_address) if rollout_workers > 1 or dask_address else None
+    # set here, not passed to the stage tasks: Prefect sends a task's context (its parent's
+    # parameters too) to the Dask workers, and the local cluster does not pickle
+    try:
+        with project_lock(), stages.jobs_run_by(job_map):
+            return run_pipeline(force, apply_overrides(profile, overrides))
+    finally:
+        if job_map is not None:
+            job_map.close()
 
 
 def apply_overrides(profile: str | None, overrides: dict[str, Any] | None) -> Params:

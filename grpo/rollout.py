@@ -14,7 +14,8 @@ counted, and the episode goes on. Otherwise the user answers: the scenario's scr
 the episode by writing DONE. Episodes end after ``max_turns`` agent turns.
 
 All active conversations of all groups are generated in one batched ``generate`` call per agent
-turn, and the LLM user's replies in one more; nothing loops over trajectories one by one.
+turn, and the LLM user's replies in one more; nothing loops over trajectories one by one. Label
+and evaluate split their rollouts into :class:`RolloutJob` s, which can run on other processes.
 
 Given ``seeds`` (one per trajectory), each row samples from its own random stream
 (:class:`RowSampler`), so an episode depends on its seed alone, not on the rows that share its
@@ -348,27 +349,50 @@ class ConversationEnvironment:
         return trajs
 
 
-def rollout_in_chunks(
-    env: ConversationEnvironment,
-    model,
-    scenarios: list[Scenario],
-    group_size: int,
-    chunk: int,
-    desc: str = "rollout",
-    do_sample: bool = True,
-    user_model=None,
-) -> list[Trajectory]:
-    """Roll out many scenarios, ``chunk`` scenarios (times ``group_size``) per batched call, with a
-    progress bar."""
-    from tqdm.auto import tqdm
+@dataclass
+class RolloutJob:
+    """One independent part of a stage's rollouts: the policy at ``policy`` rolls out
+    ``group_size`` episodes for each of ``scenarios`` after ``torch.manual_seed(seed)``.
 
+    Everything in it is a path or a value, so it pickles: label and evaluate hand their jobs to
+    the stage's job map (grpo_agents/stages.py: ``map_jobs``), which runs them one after another
+    here, or as Prefect tasks on a Dask cluster (``grpo-agents run --rollout-workers N``). Each job
+    seeds its own stream, so the result does not depend on where or in which order jobs ran."""
+
+    name: str
+    policy: str  # a model directory or Hugging Face id (grpo/models.py: load_policy)
+    scenarios: list[Scenario]
+    group_size: int
+    config: RolloutConfig
+    seed: int
+    device: str = "auto"
+    user_model: str | None = None  # plays the LLM user with `rollout.user: llm`; None: the policy itself
+    threads: int | None = None  # torch threads for this job (set by a job map that runs jobs side by side)
+
+
+def run_job(job: RolloutJob) -> tuple[list[Trajectory], dict]:
+    """``(trajectories, generation stats)`` of one :class:`RolloutJob`; groups are numbered within the job."""
+    from grpo.models import load_policy
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    model, tokenizer = load_policy(job.policy, job.device)
+    user = load_policy(job.user_model, job.device)[0] if job.user_model and job.config.user == "llm" else None
+    torch.manual_seed(job.seed)
+    env = ConversationEnvironment(tokenizer, job.config)
+    trajectories = env.rollout(model, job.scenarios, job.group_size, user_model=user)
+    return trajectories, env.stats
+
+
+def merge_jobs(results: list[tuple[list[Trajectory], dict]]) -> tuple[list[Trajectory], dict]:
+    """The jobs' trajectories in job order, groups renumbered to follow on, and their summed
+    generation stats."""
     out: list[Trajectory] = []
     totals = {"gen_tokens": 0.0, "gen_seconds": 0.0, "tool_calls": 0, "tool_errors": 0}
-    for i in tqdm(range(0, len(scenarios), chunk), desc=desc, unit="batch"):
-        part = env.rollout(model, scenarios[i : i + chunk], group_size, do_sample, user_model)
-        totals = {k: v + env.stats[k] for k, v in totals.items()}
-        for t in part:
-            t.group += i
-        out += part
-    env.stats = {**totals, "gen_tokens_per_s": totals["gen_tokens"] / max(totals["gen_seconds"], 1e-9)}
-    return out
+    for trajectories, stats in results:
+        offset = 1 + max((t.group for t in out), default=-1)
+        for t in trajectories:
+            t.group += offset
+        out += trajectories
+        totals = {k: v + stats[k] for k, v in totals.items()}
+    return out, {**totals, "gen_tokens_per_s": totals["gen_tokens"] / max(totals["gen_seconds"], 1e-9)}

@@ -43,6 +43,12 @@ def find_project(start: Path) -> Path:
     )
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(STAGE_LOGGERS))  # before Prefect is imported
     from flows.pipeline import PipelineBusy, apply_overrides, grpo_pipeline, project_lock, summary_text
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     except PipelineBusy as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    grpo_pipeline(force=args.force)
+    grpo_pipeline(force=args.force, rollout_workers=args.rollout_workers, dask_address=args.dask_address)
     print(summary_text(load_params()))
 
 
@@ -257,6 +263,20 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="write a params.yaml value first, as `dvc exp run -S` does (repeatable), e.g. train_policy.steps=4",
+    )
+    p.add_argument(
+        "--rollout-workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run label's and evaluate's rollouts as Prefect tasks on a local Dask cluster of N processes "
+        "(default 1: one after another); the outputs are the same",
+    )
+    p.add_argument(
+        "--dask-address",
+        metavar="ADDR",
+        help="run those rollouts on the existing Dask cluster at ADDR (e.g. tcp://scheduler:8786); its workers "
+        "must see this project's files and have this package installed",
     )
     p.set_defaults(func=run)
     p = sub.add_parser("stage", help="run one stage with its params, in its own MLflow run")

@@ -29,7 +29,6 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
 from mlflow import MlflowClient
 
 from grpo import scenarios
@@ -50,9 +49,10 @@ from grpo.io import atomic_path, read_json, write_json
 from grpo.judge import judge_groups
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
-from grpo.rollout import ConversationEnvironment, RolloutConfig, rollout_in_chunks
+from grpo.rollout import RolloutConfig, RolloutJob
 from grpo.sft import SFTConfig
 from grpo_agents.params import BaseModelParams, JudgeParams, Paths, RegisterParams
+from grpo_agents.stages import map_jobs
 from mlflow_io.registry import download_policy, sync_champion
 from mlflow_io.tracking import log_metrics, log_table, log_text
 
@@ -77,41 +77,48 @@ def run(
     base, tokenizer = load_policy(paths.base_model, device)
     trained, _ = load_policy(paths.policy, device)
     composite = load_composite(reward, paths.calibration, paths.reward_model, encoder, base.device.type)
-
-    def rollouts(model, model_tokenizer, name: str, on: list):
-        """Every policy meets the same users: the same seed and, with `rollout.user: llm`, the base model."""
-        torch.manual_seed(seed)
-        return rollout_in_chunks(
-            ConversationEnvironment(model_tokenizer, rollout),
-            model,
-            on,
-            evaluate.samples_per_scenario,
-            len(on),
-            desc=f"eval {name}",
-            user_model=base,
-        )
-
-    policies = {"base": base}
+    policies = {"base": paths.base_model}
     if sft.enabled:  # SFT only, against which trained shows what GRPO added
-        policies["sft"] = load_policy(paths.sft_model, device)[0]
-    policies["trained"] = trained
-    trajectories = {k: rollouts(model, tokenizer, k, held_out) for k, model in policies.items()}
+        policies["sft"] = paths.sft_model
+    policies["trained"] = paths.policy
     champion_version = sync_champion(MlflowClient(), register.model_name, paths)
-    if champion_version:
-        with tempfile.TemporaryDirectory() as tmp:
-            model, model_tokenizer = load_policy(download_policy(register.model_name, champion_version, tmp), device)
-            trajectories["champion"] = rollouts(model, model_tokenizer, f"champion v{champion_version}", held_out)
-            del model
-    tables = {k: score(v, held_out, composite) for k, v in trajectories.items()}
-    extra = {}
-    for name, spec in evaluate.extra_sets.items():
-        chosen, excluded = extra_scenarios(name, spec, f"{paths.prepared}/train.parquet", seed)
-        on_set = {
-            k: score(rollouts(m, tokenizer, f"{name} {k}", chosen), chosen, composite) for k, m in policies.items()
-        }
-        extra[name] = compare_extra(on_set, evaluate, seed, excluded)
+    extra = {
+        name: extra_scenarios(name, spec, f"{paths.prepared}/train.parquet", seed)
+        for name, spec in evaluate.extra_sets.items()
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        if champion_version:
+            policies["champion"] = download_policy(register.model_name, champion_version, tmp)
+        # Every policy meets the same users: the same seed and, with `rollout.user: llm`, the base
+        # model. One job per policy and set; they may run side by side (grpo_agents/stages.py: map_jobs).
+        sets = {None: held_out, **{name: chosen for name, (chosen, _) in extra.items()}}
+        keys = [(on, k) for on in sets for k in policies if on is None or k != "champion"]  # extra sets: no champion
+        jobs = [
+            RolloutJob(
+                f"eval {on or 'held-out'} {k}",
+                policies[k],
+                sets[on],
+                evaluate.samples_per_scenario,
+                rollout,
+                seed,
+                device,
+                paths.base_model,
+            )
+            for on, k in keys
+        ]
+        results = {key: trajectories for key, (trajectories, _) in zip(keys, map_jobs(jobs, "evaluate"))}
+    tables = {k: score(results[None, k], held_out, composite) for k in policies}
+    extra = {
+        name: compare_extra(
+            {k: score(results[name, k], chosen, composite) for k in policies if k != "champion"},
+            evaluate,
+            seed,
+            excluded,
+        )
+        for name, (chosen, excluded) in extra.items()
+    }
 
-    kl = policy_kl(trained, base, trajectories["trained"], tokenizer.pad_token_id, rollout.temperature)
+    kl = policy_kl(trained, base, results[None, "trained"], tokenizer.pad_token_id, rollout.temperature)
     verdicts = {}
     for other in [k for k in tables if k != "trained"]:
         verdicts[f"vs_{other}"] = win_rate([])

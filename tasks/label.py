@@ -18,7 +18,6 @@ judge's where it answered, else the heuristic) and `label_source`) and `paths.me
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
 from grpo import scenarios
 from grpo.io import atomic_path, write_json
@@ -26,8 +25,9 @@ from grpo.judge import judge_groups
 from grpo.labels import label_frame, label_summary
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, heuristic_components
-from grpo.rollout import ConversationEnvironment, RolloutConfig, rollout_in_chunks
+from grpo.rollout import RolloutConfig, RolloutJob, merge_jobs
 from grpo_agents.params import BaseModelParams, JudgeParams, LabelParams, Paths
+from grpo_agents.stages import map_jobs
 from mlflow_io.tracking import log_dict, log_metrics
 
 
@@ -44,16 +44,28 @@ def run(
 ) -> dict:
     train = scenarios.from_frame(pd.read_parquet(f"{paths.prepared}/train.parquet"))
     train = scenarios.subsample(train, label.max_scenarios, seed)
-    model, tokenizer = load_policy(paths.base_model, device)
-    env = ConversationEnvironment(tokenizer, rollout)
-    torch.manual_seed(seed)
-    trajs = rollout_in_chunks(env, model, train, label.group_size, label.chunk_scenarios, desc="label")
+    # one job per `label.chunk_scenarios` scenarios, each seeded by its position: the labels do not
+    # depend on where the jobs ran (here, or on a Dask cluster under `grpo-agents run --rollout-workers`)
+    jobs = [
+        RolloutJob(
+            f"label {i}",
+            paths.base_model,
+            train[i : i + label.chunk_scenarios],
+            label.group_size,
+            rollout,
+            seed + i,
+            device,
+        )
+        for i in range(0, len(train), label.chunk_scenarios)
+    ]
+    trajs, stats = merge_jobs(map_jobs(jobs, "label"))
     groups = [[t.messages for t in trajs if t.group == g] for g in range(len(train))]
 
     judged = {s.id for s in scenarios.subsample(train, judge.max_groups, seed)} if judge.enabled else set()
     idx = [g for g, s in enumerate(train) if s.id in judged]
     verdicts = {}
     if idx:
+        model, tokenizer = load_policy(paths.base_model, device)  # served on loopback when judge.base_url is null
         asked = [(train[g].domain, groups[g]) for g in idx]
         verdicts = dict(zip(idx, judge_groups(judge, asked, paths.judge_cache, model, tokenizer, base_model.source)))
 
@@ -61,7 +73,7 @@ def run(
     labels = label_frame(train, groups, verdicts, reward, components)
     summary = {
         "scenarios": len(train),
-        "gen_tokens_per_s": env.stats.get("gen_tokens_per_s", 0.0),
+        "gen_tokens_per_s": stats["gen_tokens_per_s"],
         **label_summary(labels, [c.name for c in components], verdicts),
     }
     log_metrics(summary)

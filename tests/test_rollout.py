@@ -243,3 +243,26 @@ def test_the_servers_openai_form_renders_as_training_did(tokenizer, tiny_model, 
     ]
     messages, tools = training_form(api, schemas(ORDER.tools), template_declares_tools(tok))
     assert encode(tok, render(tok, messages, True, tools)) == t.input_ids[:second_turn]
+
+
+def test_rollout_jobs_seed_themselves_so_order_and_place_do_not_matter(tiny_model_dir):
+    """What lets label and evaluate run their jobs on a Dask cluster: a job's episodes depend on the
+    job alone (run in reverse order by a job map, they are the same; another seed changes them), and
+    merging renumbers the groups."""
+    from dataclasses import replace
+
+    from grpo.rollout import RolloutJob, merge_jobs, run_job
+    from grpo_agents.stages import jobs_run_by, map_jobs
+
+    def ids(results):
+        return [[t.input_ids for t in trajectories] for trajectories, _ in results]
+
+    config = RolloutConfig(max_new_tokens=6)
+    jobs = [RolloutJob(f"j{i}", str(tiny_model_dir), [s], 2, config, seed=7 + i) for i, s in enumerate(SCEN)]
+    in_order = map_jobs(jobs, "test")
+    with jobs_run_by(lambda js: [run_job(j) for j in js[::-1]][::-1]):
+        assert ids(map_jobs(jobs, "test")) == ids(in_order)
+    assert ids([run_job(replace(jobs[0], seed=8))]) != ids(in_order[:1])
+    merged, stats = merge_jobs(in_order)
+    assert [t.scenario_id for t in merged] == ["a", "a", "b", "b"] and [t.group for t in merged] == [0, 0, 1, 1]
+    assert stats["gen_tokens"] == sum(s["gen_tokens"] for _, s in in_order) > 0

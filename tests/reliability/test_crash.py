@@ -41,7 +41,7 @@ KILL_AT = {
     "calibrate": (FLOW, "Loading weights"),  # the reward model's encoder loads
     "sft": (DVC, "'loss': "),  # SFTTrainer logged its first step
     "train_policy": (FLOW, Path("data/checkpoints/policy/checkpoint.pt")),
-    "evaluate": (DVC, "eval trained"),  # the base is evaluated, the trained policy is being
+    "evaluate": (DVC, "eval held-out trained"),  # the base is evaluated, the trained policy is being
     "register": (FLOW, "of model 'grpo-agent'"),  # the agent's version exists; its alias and gate do not yet
 }
 # What the run after the kill must say, beyond running the stage again.
