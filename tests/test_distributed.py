@@ -42,10 +42,12 @@ def test_two_ranks_take_the_same_steps_as_one_process(project):
 
     Tolerance: the fp32 gradient is summed in another order (each rank over its own sequences, then
     DDP adds the ranks' sums), and the log-probs come from differently padded micro-batches; both
-    change values at float rounding, about 1e-7 relative. Measured: the merged weights moved by up
-    to 0.075 from the base, and the two runs differed by at most 4.7e-7, 6e-6 of that. The bound is
-    1e-4 of the movement; one different episode changes the advantages, and so the update, by a
-    share of order 1."""
+    change values at float rounding, about 1e-7 relative. Adam then divides each gradient by its
+    running RMS plus eps (1e-8), so where a gradient is near zero the rounding becomes a step of up
+    to lr x rounding / eps. Measured: the merged weights moved by up to 0.070 from the base, and
+    the two runs differed by at most 1.6e-5, 2.3e-4 of that (4.7e-7 on other labels: it depends on
+    how many gradients sit near zero). The bound is 1e-3 of the movement; one different episode
+    changes the advantages, and so the update, by a share of order 1."""
     project, env = project
     configure(project, steps=3, learning_rate=0.01, distributed={"world_size": 2})
     out = sh([str(BIN / "dvc"), "repro", "train_policy"], project, env)  # dvc repro starts torchrun
@@ -64,7 +66,7 @@ def test_two_ranks_take_the_same_steps_as_one_process(project):
     assert two_curve["loss"].tolist() == pytest.approx(one_curve["loss"].tolist(), abs=1e-5)
     moved = max((one[k] - base[k]).abs().max().item() for k in one)
     assert moved > 1e-2  # the policy did move
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4 * moved
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-3 * moved
 
     # rank 0 logged each step to the stage's MLflow run
     client = mlflow_client(project)
