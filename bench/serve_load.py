@@ -1,15 +1,18 @@
 """Load benchmark of the OpenAI-compatible server (grpo/serving.py) on loopback.
 
-Sends N chat requests at concurrency C, then the same N one at a time, to a server holding the
-model, and prints p50/p99 latency, throughput (requests/s and completion tokens/s) for each, the
-ratio of batched to sequential throughput, and the count of 5xx answers (must be 0).
+Sends N chat requests at each concurrency C, then the same N one at a time, to a server holding
+the model, and prints p50/p99 latency, throughput (requests/s and completion tokens/s) for each,
+the count of 5xx answers (must be 0), and the ratio of batched to sequential throughput. Then
+streams N requests at concurrency 1 and at the first C: time to the first content token (p50,
+p99) and each stream's tokens/s after it (median).
 
-    .venv/bin/python bench/serve_load.py [--model data/models/base] [-n 32] [-c 16] [--max-tokens 32]
+    .venv/bin/python bench/serve_load.py [--model data/models/base] [-n 32] [-c 8 32] [--max-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,27 +60,63 @@ def load_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
     }
 
 
+def stream_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
+    def one(i: int):
+        body = {
+            "model": "bench",
+            "max_tokens": max_tokens,
+            "temperature": 0.7,
+            "stream": True,
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        }
+        t0, times = time.perf_counter(), []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    times.append(time.perf_counter() - t0)
+        return times
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        streams = [t for t in pool.map(one, range(n)) if t]
+    first = sorted(t[0] for t in streams)
+    rates = [(len(t) - 1) / (t[-1] - t[0]) for t in streams if len(t) > 1 and t[-1] > t[0]]
+    return {
+        "ttft_p50": statistics.median(first),
+        "ttft_p99": first[min(len(first) - 1, int(0.99 * len(first)))],
+        "tok_s": statistics.median(rates) if rates else float("nan"),
+        "empty": n - len(streams),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="data/models/base", help="model directory (default: the pipeline's base model)")
     ap.add_argument("-n", type=int, default=32, help="requests per run")
-    ap.add_argument("-c", type=int, default=16, help="concurrency of the batched run")
+    ap.add_argument("-c", type=int, nargs="+", default=[8, 32], help="concurrencies of the batched runs")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     model, tok = load_causal_lm(args.model), load_tokenizer(args.model)
-    app = create_app(
-        lambda: (model, tok, "bench"), Limits(max_tokens=args.max_tokens, max_batch=args.c, max_concurrent=args.c * 2)
-    )
+    top = max(args.c)
+    limits = Limits(max_tokens=args.max_tokens, max_batch=top, max_concurrent=top * 2)
+    app = create_app(lambda: (model, tok, "bench"), limits)
     with serve_in_thread(app) as url:
         load_test(url, 2, 2, 4)  # warm-up
-        batched = load_test(url, args.n, args.c, args.max_tokens)
-        sequential = load_test(url, args.n, 1, args.max_tokens)
-    for name, r in ((f"concurrency {args.c}", batched), ("sequential", sequential)):
+        runs = {f"concurrency {c}": load_test(url, args.n, c, args.max_tokens) for c in args.c}
+        runs["sequential"] = sequential = load_test(url, args.n, 1, args.max_tokens)
+        streams = {c: stream_test(url, args.n, c, args.max_tokens) for c in (1, args.c[0])}
+    for name, r in runs.items():
         print(
             f"{name:>15}: p50 {r['p50']:6.2f} s  p99 {r['p99']:6.2f} s  {r['req_s']:5.2f} req/s  {r['tok_s']:6.1f} tok/s  "
             f"5xx {r['5xx']}  non-200 {r['non_200']}"
         )
-    print(f"batched / sequential throughput (requests/s): {batched['req_s'] / sequential['req_s']:.2f}")
+    for c, r in streams.items():
+        print(
+            f"stream, concurrency {c:>2}: first token p50 {r['ttft_p50']:5.2f} s  p99 {r['ttft_p99']:5.2f} s  "
+            f"{r['tok_s']:5.1f} tok/s per stream  ({r['empty']} with no content)"
+        )
+    for c in sorted(args.c, reverse=True):  # the smallest last: the target is at concurrency 8
+        ratio = runs[f"concurrency {c}"]["req_s"] / sequential["req_s"]
+        print(f"batched (concurrency {c}) / sequential throughput (requests/s): {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class RolloutConfig(Config):
     user_max_tokens: int = Field(32, ge=1, description="per LLM-user message")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    share_prefix: bool = Field(
+        True, description="prefill a prompt that several rows share once (a group's first turn), not once per row"
+    )
 
 
 @dataclass
@@ -180,6 +183,28 @@ class RowSampler(LogitsProcessor):
         return scores - noise.log().to(scores.device)
 
 
+def shared_prefix_cache(model, prompts: list[list[int]], ids: torch.Tensor, attn: torch.Tensor):
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt
+    and copied to the rows that share it (a group's episodes all start from the same prompt), or
+    None when every prompt is distinct. ``generate`` then prefills only the last token of each row.
+
+    transformers' generate prefills every row, so a group of G identical prompts costs G times
+    the prefill, which dominates a short rollout turn (bench/generate.py); it takes a ready cache
+    (``past_key_values``) but does not look for shared rows itself."""
+    first: dict[tuple, int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    if len(first) == len(prompts) or min(map(len, prompts)) < 2:
+        return None
+    rows = torch.tensor([index.index(u) for u in range(len(first))], device=ids.device)
+    mask = attn[rows, :-1]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    cache = model(
+        input_ids=ids[rows, :-1], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    ).past_key_values
+    cache.reorder_cache(torch.tensor(index, device=ids.device))
+    return cache
+
+
 class ConversationEnvironment:
     """Runs episodes of up to ``max_turns`` agent turns against each scenario's user and tools."""
 
@@ -209,10 +234,12 @@ class ConversationEnvironment:
         max_new_tokens: int | None = None,
         seeds: list[int] | None = None,
         processors: list | None = None,
+        streamer=None,
     ) -> list[list[int]]:
         """One batched generate call; returns each row's new tokens up to and including eos. With
         ``seeds`` (and ``do_sample``), each row samples from its own stream (:class:`RowSampler`).
-        ``processors`` (logits processors, e.g. grpo/structured.py's) apply before sampling."""
+        ``processors`` (logits processors, e.g. grpo/structured.py's) apply before sampling;
+        ``streamer`` (a transformers ``BaseStreamer``) is handed each step's tokens as they are sampled."""
         device = next(model.parameters()).device
         width = max(map(len, prompts))
         pad = self.tok.pad_token_id
@@ -228,13 +255,17 @@ class ConversationEnvironment:
             sampling["logits_processor"].append(sampler)
         elif do_sample:
             sampling.update(temperature=self.config.temperature, top_p=self.config.top_p, top_k=0)
+        ids, attn = ids.to(device), attn.to(device)
+        if self.config.share_prefix:
+            sampling["past_key_values"] = shared_prefix_cache(model, prompts, ids, attn)
         out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
+            input_ids=ids,
+            attention_mask=attn,
             max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             **sampling,
             pad_token_id=pad,
             eos_token_id=self.tok.eos_token_id,
+            streamer=streamer,
         )[:, width:].tolist()
         eos = self.tok.eos_token_id
         return [row[: row.index(eos) + 1] if eos in row else row for row in out]

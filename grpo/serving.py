@@ -2,8 +2,9 @@
 ``/health`` and ``/metrics`` (Prometheus).
 
 Concurrent requests with the same sampling settings are batched into one ``generate`` call. With
-``stream: true`` the reply is sent as server-sent-event chunks in OpenAI's format; the chunks are
-emitted once the batched generation finishes (not token by token). ``tools`` and ``tool`` messages
+``stream: true`` the reply is sent as server-sent-event chunks in OpenAI's format, token by token
+as the batched generation samples them (:class:`RowStreamer`); a request that declares tools gets
+its reply in one piece at the end, since whether it is a call is known only then. ``tools`` and ``tool`` messages
 are rendered as the policy saw them in training (grpo/tools.py: ``training_form``), and a reply
 that calls one of the request's tools comes back as ``tool_calls`` (one call per reply, as in
 training). ``response_format`` with a JSON schema constrains generation to it (structured outputs,
@@ -32,6 +33,7 @@ from jinja2.exceptions import TemplateError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers.generation.streamers import BaseStreamer
 
 from grpo.config import Config
 from grpo.rollout import ConversationEnvironment, RolloutConfig, decode_reply, encode, render
@@ -133,6 +135,40 @@ class Pending:
     max_tokens: int
     key: tuple  # (temperature, top_p, JSON schema or None): requests batch only with equal keys
     future: asyncio.Future
+    tokens: asyncio.Queue | None = None  # streamed: each sampled token as it comes, then None
+
+
+class RowStreamer(BaseStreamer):
+    """Hands each streamed request its row's tokens while one batched ``generate`` samples them,
+    up to its eos or its own ``max_tokens``, then None. transformers' own streamers take one row
+    only; ``generate`` calls ``put`` with the prompt first, then with each step's token per row."""
+
+    def __init__(self, batch: list[Pending], eos: int, loop: asyncio.AbstractEventLoop):
+        self.batch, self.eos, self.loop = batch, eos, loop
+        self.prompt_seen = False
+        self.sent = [0 if p.tokens is not None else p.max_tokens for p in batch]  # not streamed: nothing to send
+
+    def send(self, i: int, token: int | None) -> None:
+        self.loop.call_soon_threadsafe(self.batch[i].tokens.put_nowait, token)
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.tolist()):
+            if self.sent[i] < self.batch[i].max_tokens:
+                self.sent[i] += 1
+                self.send(i, token)
+                if token == self.eos:
+                    self.sent[i] = self.batch[i].max_tokens
+
+    def end(self) -> None:  # generate calls it on success only: close() ends the streams either way
+        pass
+
+    def close(self) -> None:
+        for i, p in enumerate(self.batch):
+            if p.tokens is not None:
+                self.send(i, None)
 
 
 class Server:
@@ -167,7 +203,7 @@ class Server:
             self.model, self.tokenizer, self.name = model, tokenizer, name
         self.m_reloads.inc()
 
-    def generate(self, batch: list[Pending]) -> list[list[int]]:
+    def generate(self, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> list[list[int]]:
         temperature, top_p, schema = batch[0].key
         # Below this, logits / temperature overflows (found by the fuzzing test: 1.9e-223 gave a 500),
         # and the distribution is the argmax anyway: decode greedily.
@@ -184,7 +220,12 @@ class Server:
             processors = (
                 [schema_processor(self.tokenizer, json.loads(schema), list(map(len, prompts)))] if schema else []
             )
-            out = env.generate(self.model, prompts, do_sample=sample, processors=processors)
+            streamer = RowStreamer(batch, self.tokenizer.eos_token_id, loop) if any(p.tokens for p in batch) else None
+            try:
+                out = env.generate(self.model, prompts, do_sample=sample, processors=processors, streamer=streamer)
+            finally:
+                if streamer is not None:
+                    streamer.close()
         self.m_calls.inc()
         self.m_batch.observe(len(batch))
         return [o[: p.max_tokens] for o, p in zip(out, batch)]
@@ -206,7 +247,7 @@ class Server:
                     break
                 (batch if item.key == first.key else held).append(item)
             try:
-                outs = await asyncio.to_thread(self.generate, batch)
+                outs = await asyncio.to_thread(self.generate, batch, loop)
                 for p, o in zip(batch, outs):
                     if not p.future.done():
                         p.future.set_result(o)
@@ -215,7 +256,9 @@ class Server:
                     if not p.future.done():
                         p.future.set_exception(e)
 
-    async def complete(self, req: ChatRequest) -> dict:
+    def admit(self, req: ChatRequest) -> tuple[Pending, list[dict]]:
+        """Check ``req`` (an ApiError names what is wrong) and queue it; ``(pending, functions declared)``.
+        A streamed request without tools gets its tokens as they are sampled (``pending.tokens``)."""
         limit = req.max_completion_tokens or req.max_tokens or self.limits.max_tokens
         if limit > self.limits.max_tokens:
             raise ApiError(400, f"max_tokens {limit} exceeds this server's limit of {self.limits.max_tokens}")
@@ -242,13 +285,23 @@ class Server:
             raise ApiError(429, "too many concurrent requests", "rate_limit_error")
         self.in_flight += 1
         self.m_inflight.set(self.in_flight)
-        try:
-            fut = asyncio.get_running_loop().create_future()
-            await self.queue.put(Pending(prompt, limit, (req.temperature, req.top_p, schema), fut))
-            ids = await fut
-        finally:
-            self.in_flight -= 1
-            self.m_inflight.set(self.in_flight)
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(self.release)  # also when a streaming client has gone away
+        tokens = asyncio.Queue() if req.stream and not functions else None
+        pending = Pending(prompt, limit, (req.temperature, req.top_p, schema), fut, tokens)
+        self.queue.put_nowait(pending)
+        return pending, functions
+
+    def release(self, _future: asyncio.Future) -> None:
+        self.in_flight -= 1
+        self.m_inflight.set(self.in_flight)
+
+    async def complete(self, req: ChatRequest) -> dict:
+        pending, functions = self.admit(req)
+        return self.result(pending.prompt, await pending.future, functions)
+
+    def result(self, prompt: list[int], ids: list[int], functions: list[dict]) -> dict:
+        """The chat completion of the sampled ``ids``: a tool call as ``tool_calls`` where one was declared."""
         finished = bool(ids) and ids[-1] == self.tokenizer.eos_token_id
         text = decode_reply(self.tokenizer, ids)
         self.m_tokens.inc(len(ids))
@@ -284,14 +337,53 @@ class Server:
             },
         }
 
+    async def stream(self, pending: Pending, functions: list[dict], t0: float):
+        """Server-sent events of ``pending``'s reply: the text as it is sampled, each chunk what
+        the reply's decoded text gained (held back while it ends in a partial character); with
+        tools declared, the whole reply at the end (:func:`stream_chunks`)."""
+        tokenizer = self.tokenizer
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.name}
+        if pending.tokens is not None:
+            yield chunk(head, {"role": "assistant", "content": ""})
+            ids, sent = [], ""
+            while (token := await pending.tokens.get()) is not None:
+                ids.append(token)
+                text = decode_reply(tokenizer, ids)
+                if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
+                    yield chunk(head, {"content": text[len(sent) :]})
+                    sent = text
+        try:
+            result = {**self.result(pending.prompt, await pending.future, functions), **head}
+        except Exception as e:  # the status line is sent: the error goes in the stream, as OpenAI's does
+            self.m_requests.labels("500").inc()
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
+            return
+        self.m_requests.labels("200").inc()
+        self.m_latency.observe(time.perf_counter() - t0)
+        if pending.tokens is None:
+            for event in stream_chunks(result):
+                yield event
+            return
+        text = result["choices"][0]["message"]["content"] or ""
+        if len(text) > len(sent) and text.startswith(sent):
+            yield chunk(head, {"content": text[len(sent) :]})
+        yield chunk(head, {}, result["choices"][0]["finish_reason"])
+        yield "data: [DONE]\n\n"
+
+
+def chunk(head: dict, delta: dict, finish: str | None = None) -> str:
+    """One server-sent event of a streamed chat completion."""
+    body = {
+        **head,
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
 
 def stream_chunks(result: dict):
-    base = {
-        "id": result["id"],
-        "object": "chat.completion.chunk",
-        "created": result["created"],
-        "model": result["model"],
-    }
+    """A finished chat completion as server-sent events: the role, the content, each tool call, the finish."""
+    head = {k: result[k] for k in ("id", "created", "model")}
     choice = result["choices"][0]
     message = choice["message"]
     deltas = [({"role": "assistant", "content": ""}, None)]
@@ -300,7 +392,7 @@ def stream_chunks(result: dict):
     for i, call in enumerate(message.get("tool_calls", [])):
         deltas.append(({"tool_calls": [{"index": i, **call}]}, None))
     for delta, finish in (*deltas, ({}, choice["finish_reason"])):
-        yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+        yield chunk(head, delta, finish)
     yield "data: [DONE]\n\n"
 
 
@@ -399,14 +491,15 @@ def create_app(load: Callable[[], tuple], limits: Limits | None = None, api_key:
     async def chat(req: ChatRequest):
         t0 = time.perf_counter()
         try:
+            if req.stream:  # checked and queued before the status line goes out: a bad request is still a 400
+                pending, functions = server.admit(req)
+                return StreamingResponse(server.stream(pending, functions, t0), media_type="text/event-stream")
             result = await server.complete(req)
         except ApiError as e:
             server.m_requests.labels(str(e.status)).inc()
             return error(e.status, e.message, e.kind)
         server.m_requests.labels("200").inc()
         server.m_latency.observe(time.perf_counter() - t0)
-        if req.stream:
-            return StreamingResponse(stream_chunks(result), media_type="text/event-stream")
         return result
 
     return app

@@ -266,3 +266,22 @@ def test_rollout_jobs_seed_themselves_so_order_and_place_do_not_matter(tiny_mode
     merged, stats = merge_jobs(in_order)
     assert [t.scenario_id for t in merged] == ["a", "a", "b", "b"] and [t.group for t in merged] == [0, 0, 1, 1]
     assert stats["gen_tokens"] == sum(s["gen_tokens"] for _, s in in_order) > 0
+
+
+def test_a_prompt_rows_share_is_prefilled_once_and_changes_no_token(tokenizer, tiny_model):
+    """`rollout.share_prefix`: a group's rows share their first prompt; it is prefilled once per
+    distinct prompt (all but its last token), and generate then feeds one token a row. Greedy and
+    per-row seeded samples are the same as without it."""
+    shared = ConversationEnvironment(tokenizer, RolloutConfig(max_new_tokens=6))
+    unshared = ConversationEnvironment(tokenizer, RolloutConfig(max_new_tokens=6, share_prefix=False))
+    prompts = [shared.start(s, 0).input_ids for s in SCEN for _ in range(3)]
+    fed = []
+    hook = tiny_model.model.embed_tokens.register_forward_hook(lambda module, args, out: fed.append(out.shape[:2]))
+    try:
+        greedy = shared.generate(tiny_model, prompts, do_sample=False)
+    finally:
+        hook.remove()
+    assert fed[0] == (2, max(map(len, prompts)) - 1) and fed[1] == (6, 1)
+    assert greedy == unshared.generate(tiny_model, prompts, do_sample=False)
+    seeds = list(range(6))
+    assert shared.generate(tiny_model, prompts, seeds=seeds) == unshared.generate(tiny_model, prompts, seeds=seeds)

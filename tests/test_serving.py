@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -41,6 +42,10 @@ def client(url):
 
 MSGS = [{"role": "user", "content": "My order is late."}]
 ORDER_TOOL = TOOLS["check_order_status"].schema()
+ANSWER = {  # greedy under this schema, the random tiny model writes text from the first token
+    "type": "json_schema",
+    "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"answer": {"type": "string"}}}},
+}
 
 
 def metric(url: str, name: str) -> float:
@@ -66,6 +71,44 @@ def test_openai_sdk_streaming(server):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert isinstance("".join(c.choices[0].delta.content or "" for c in chunks), str)
+
+
+def test_a_stream_sends_each_token_while_the_model_is_still_generating(server):
+    """Real streaming: the model's 7th forward call (for the 7th token) waits until the test lets it
+    go; by then the first tokens' text has arrived and generate has not returned. Once released,
+    the stream ends, and its text is the unstreamed reply's (greedy, so the same)."""
+    url, app = server
+    srv = app.state.server
+    body = {"model": "m", "messages": MSGS, "max_tokens": 12, "temperature": 0, "response_format": ANSWER}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers).json()
+    expected = whole["choices"][0]["message"]["content"]
+    gate, calls, forward = threading.Event(), [], srv.model.forward
+
+    def held(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            assert gate.wait(60), "the test never released the model"
+        return forward(*args, **kwargs)
+
+    srv.model.forward = held
+    try:
+        before = metric(url, "generate_calls_total")
+        deltas = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=headers) as r:
+            events = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+            for event in events:
+                deltas.append(event["choices"][0]["delta"].get("content") or "")
+                if len(deltas) == 6:  # the role, then 5 tokens, each with text here ('{', ' "', 'ans', ...)
+                    assert metric(url, "generate_calls_total") == before and len(calls) == 7
+                    assert "".join(deltas) == expected[: len("".join(deltas))] != ""
+                    gate.set()
+            finish = event["choices"][0]["finish_reason"]
+    finally:
+        gate.set()
+        del srv.model.forward
+    assert gate.is_set() and metric(url, "generate_calls_total") == before + 1
+    assert "".join(deltas) == expected and finish == whole["choices"][0]["finish_reason"]
 
 
 def test_concurrent_requests_are_batched(server):
