@@ -12,7 +12,7 @@ Judgements are cached in `paths.judge_cache`, so a rerun asks only for what is m
 
 Reads the prepared train set and the base model; writes `paths.labels` (one row per conversation:
 scenario, conversation JSON, per-component scores, `heuristic_score`, `judge_score`, `score` (the
-judge's where it answered, else the heuristic) and `label_source`) and `paths.metrics`/label.json.
+judge's order on the heuristic's scale where it answered, else the heuristic) and `label_source`) and `paths.metrics`/label.json.
 """
 
 from __future__ import annotations

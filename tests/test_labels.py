@@ -1,4 +1,5 @@
-"""Label rows: the judge's score where it answered, the heuristic elsewhere, and where each came from."""
+"""Label rows: the judge's order on the heuristic's scale where it answered, the heuristic elsewhere,
+and where each came from."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from grpo.judge import Judgement
-from grpo.labels import label_frame, label_summary
+from grpo.labels import label_frame, label_summary, on_heuristic_scale
 from grpo.rewards import RewardConfig
 from grpo.scenarios import Scenario
 
@@ -34,10 +35,20 @@ CONFIG = RewardConfig(weights={"length": 1.0})
 def test_rows_take_the_judge_score_only_where_it_answered():
     labels = label_frame(SCENARIOS, GROUPS, VERDICTS, CONFIG, [Length()])
     assert len(labels) == 6 and list(labels["label_source"]) == ["judge"] * 2 + ["fallback"] * 2 + ["heuristic"] * 2
-    assert list(labels["score"][:2]) == [0.9, 0.2] and list(labels["judge_note"][:2]) == ["good", "bad"]
+    # the judge's order (0.9 over 0.2) on the heuristic's scale (0.5 and 1.0: mean 0.75, spread 0.25)
+    assert list(labels["score"][:2]) == pytest.approx([1.0, 0.5]) and list(labels["judge_score"][:2]) == [0.9, 0.2]
+    assert list(labels["judge_note"][:2]) == ["good", "bad"]
     assert list(labels["score"][2:]) == pytest.approx([0.5, 1.0, 0.5, 1.0])  # heuristic: the length component
     assert labels["judge_score"][2:].isna().all() and labels["judge_note"][2] == "no JSON"
     assert json.loads(labels["conversation"][1]) == GROUPS[0][1]
+
+
+def test_the_judges_scores_keep_their_order_and_take_the_heuristics_mean_and_spread():
+    heuristic = np.array([0.52, 0.55, 0.60, 0.49])
+    scaled = on_heuristic_scale([1.0, 0.0, 1.0, 0.5], heuristic)
+    assert scaled.mean() == pytest.approx(heuristic.mean()) and scaled.std() == pytest.approx(heuristic.std())
+    assert scaled[0] == scaled[2] > scaled[3] > scaled[1]
+    assert on_heuristic_scale([0.7] * 4, heuristic) == pytest.approx([heuristic.mean()] * 4)  # all alike: a tie
 
 
 def test_summary_counts_sources_and_rates():
