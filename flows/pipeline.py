@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 
 from grpo.evaluation import ci_line
 from grpo.io import read_json
-from grpo.rollout import RolloutJob, run_job
+from grpo.rollout import RolloutJob, jobs_run_by, run_job
 from grpo_agents import stages
 from grpo_agents.params import Params, load_params, set_params
 from mlflow_io.registry import sync_champion
@@ -148,7 +148,7 @@ def grpo_pipeline(
     # set here, not passed to the stage tasks: Prefect sends a task's context (its parent's
     # parameters too) to the Dask workers, and the local cluster does not pickle
     try:
-        with project_lock(), stages.jobs_run_by(job_map):
+        with project_lock(), jobs_run_by(job_map):
             return run_pipeline(force, apply_overrides(profile, overrides))
     finally:
         if job_map is not None:

@@ -43,6 +43,13 @@ class EvaluateConfig(Config):
     max_scenarios: int | None = Field(ge=1, description="held-out scenarios (fixed, domain-balanced subset); null: all")
     judge_scenarios: int = Field(ge=0, description="scenarios whose pair of conversations the judge compares")
     min_judged: int = Field(ge=1, description="judged pairs needed before a losing win rate flags a run")
+    judge_alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="a losing win rate flags a run only when a one-sided sign test over the decisive pairs "
+        "(ties excluded) says the judge prefers the other policy at this level",
+    )
     min_judge_agreement: float = Field(
         ge=0,
         le=1,
@@ -100,16 +107,31 @@ def win_rate(verdicts, first: int | list[int] = 0, swapped=None) -> dict:
 
 
 def hacking_flags(
-    reward_diff: float, win: dict, max_length_ratio: float, length_ratio: float | None = None, min_judged: int = 1
+    reward_diff: float,
+    win: dict,
+    max_length_ratio: float,
+    length_ratio: float | None = None,
+    min_judged: int = 1,
+    alpha: float = 0.05,
 ) -> list[str]:
     """Reasons to distrust a reward gain: the reward rose while the judge preferred the other policy
-    (win rate below 0.5 over at least ``min_judged`` judged pairs; fewer are not evidence either
-    way), or the reply length drifted past ``max_length_ratio`` either way."""
+    (over at least ``min_judged`` judged pairs, fewer losses than wins is not enough: a one-sided
+    sign test over the decisive pairs must reject "no preference" at ``alpha``, so 0 wins and 2
+    losses among 6 ties, p = 0.25, is not evidence), or the reply length drifted past
+    ``max_length_ratio`` either way."""
+    from scipy.stats import binomtest
+
     flags = []
     rate = win.get("win_rate", float("nan"))
-    judged = sum(win.get(k, 0) for k in ("wins", "losses", "ties"))
-    if reward_diff > 0 and judged >= min_judged and rate < 0.5:
-        flags.append(f"reward rose ({reward_diff:+.3f}) while the judge win rate is {rate:.2f}")
+    wins, losses = win.get("wins", 0), win.get("losses", 0)
+    judged = wins + losses + win.get("ties", 0)
+    if reward_diff > 0 and judged >= min_judged and losses > wins:
+        p = binomtest(wins, wins + losses, 0.5, alternative="less").pvalue
+        if p < alpha:
+            flags.append(
+                f"reward rose ({reward_diff:+.3f}) while the judge win rate is {rate:.2f} "
+                f"({wins} wins, {losses} losses: sign test p {p:.3f})"
+            )
     if length_ratio is not None and not 1 / max_length_ratio <= length_ratio <= max_length_ratio:
         flags.append(f"reply length changed by a factor of {length_ratio:.2f} (bound {max_length_ratio})")
     return flags
@@ -240,7 +262,12 @@ def compare(
         result["per_domain_vs"][d] = versus({k: t[rows] for k, t in tables.items()}, config, seed)
     length_ratio = result["trained"]["reply_words"] / max(result["base"]["reply_words"], 1e-9)
     result["flags"] = hacking_flags(
-        result["vs_base"]["mean"], heard["vs_base"], config.max_length_ratio, length_ratio, config.min_judged
+        result["vs_base"]["mean"],
+        heard["vs_base"],
+        config.max_length_ratio,
+        length_ratio,
+        config.min_judged,
+        config.judge_alpha,
     )
     if "champion" in tables:
         result["flags"] += [
@@ -250,6 +277,7 @@ def compare(
                 heard["vs_champion"],
                 config.max_length_ratio,
                 min_judged=config.min_judged,
+                alpha=config.judge_alpha,
             )
         ]
     result["flagged"] = bool(result["flags"])

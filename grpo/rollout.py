@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +41,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 from grpo.config import Config
 from grpo.scenarios import Scenario
 from grpo.tools import call_tool, parse_call, schemas, template_declares_tools
+
+log = logging.getLogger(__name__)
 
 USER_SIMULATOR = (
     "You are role-playing a user who is talking to a {domain} agent. You are: {persona} "
@@ -386,9 +391,9 @@ class RolloutJob:
     ``group_size`` episodes for each of ``scenarios`` after ``torch.manual_seed(seed)``.
 
     Everything in it is a path or a value, so it pickles: label and evaluate hand their jobs to
-    the stage's job map (grpo_agents/stages.py: ``map_jobs``), which runs them one after another
-    here, or as Prefect tasks on a Dask cluster (``grpo-agents run --rollout-workers N``). Each job
-    seeds its own stream, so the result does not depend on where or in which order jobs ran."""
+    :func:`map_jobs`, which runs them one after another here, or as Prefect tasks on a Dask cluster
+    (``grpo-agents run --rollout-workers N``). Each job seeds its own stream, so the result does not
+    depend on where or in which order jobs ran."""
 
     name: str
     policy: str  # a model directory or Hugging Face id (grpo/models.py: load_policy)
@@ -413,6 +418,37 @@ def run_job(job: RolloutJob) -> tuple[list[Trajectory], dict]:
     env = ConversationEnvironment(tokenizer, job.config)
     trajectories = env.rollout(model, job.scenarios, job.group_size, user_model=user)
     return trajectories, env.stats
+
+
+# How label's and evaluate's rollout jobs run (:func:`map_jobs`): None is one after another here.
+JOB_MAP: ContextVar[Callable[[list], list] | None] = ContextVar("job_map", default=None)
+
+
+@contextlib.contextmanager
+def jobs_run_by(job_map: Callable[[list], list] | None) -> Iterator[None]:
+    """Within this block, :func:`map_jobs` hands its jobs to ``job_map`` (jobs in, results in the
+    same order out); the Prefect flow sets one that runs them on a Dask cluster."""
+    token = JOB_MAP.set(job_map)
+    try:
+        yield
+    finally:
+        JOB_MAP.reset(token)
+
+
+def map_jobs(jobs: list[RolloutJob], desc: str) -> list[tuple[list[Trajectory], dict]]:
+    """:func:`run_job` of each job, in order: here with a progress bar, or by the job map set with
+    :func:`jobs_run_by`. Each job seeds itself, so the results are the same either way."""
+    from tqdm.auto import tqdm
+
+    job_map = JOB_MAP.get()
+    if job_map is not None:
+        log.info("%s: %d rollout jobs on %s", desc, len(jobs), getattr(job_map, "where", "the job map"))
+        return job_map(jobs)
+    results = []
+    for i, job in enumerate(tqdm(jobs, desc=desc, unit="job"), 1):
+        log.info("%s: rollout job %d of %d: %s", desc, i, len(jobs), job.name)
+        results.append(run_job(job))
+    return results
 
 
 def merge_jobs(results: list[tuple[list[Trajectory], dict]]) -> tuple[list[Trajectory], dict]:

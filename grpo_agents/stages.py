@@ -8,11 +8,6 @@ and tests/test_flow_order.py checks that dvc.yaml lists them for the stage.
 A stage that runs as several processes (train_policy with ``distributed.world_size`` > 1) starts
 ``python -m tasks.<stage>`` again under torchrun with :func:`launch_ranks`: the ranks get the very
 sections the stage was given (a file named in ``GRPO_STAGE_SECTIONS``) and log to its MLflow run.
-
-Label and evaluate split their rollouts into independent jobs (grpo/rollout.py: ``RolloutJob``)
-and run them with :func:`map_jobs`: one after another, unless the caller set a job map with
-:func:`jobs_run_by` (the Prefect flow does, to run them on a Dask cluster). Each job seeds itself,
-so the outputs are the same either way.
 """
 
 from __future__ import annotations
@@ -27,8 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # importing the params model imports the whole library (torch, transformers, trl)
@@ -44,36 +38,6 @@ log = logging.getLogger("tasks")
 # The loggers the stages write to. The flow sends their records to Prefect (the run's logs in the UI)
 # through PREFECT_LOGGING_EXTRA_LOGGERS, which `grpo-agents run` and prefect.yaml's job env set.
 STAGE_LOGGERS = ("tasks", "grpo", "mlflow_io")
-# How label's and evaluate's rollout jobs run: None is one after another in this process.
-JOB_MAP: ContextVar[Callable[[list], list] | None] = ContextVar("job_map", default=None)
-
-
-@contextlib.contextmanager
-def jobs_run_by(job_map: Callable[[list], list] | None) -> Iterator[None]:
-    """Within this block, :func:`map_jobs` hands its jobs to ``job_map`` (jobs in, results in the same order out)."""
-    token = JOB_MAP.set(job_map)
-    try:
-        yield
-    finally:
-        JOB_MAP.reset(token)
-
-
-def map_jobs(jobs: list, desc: str) -> list:
-    """``run_job`` of each rollout job, in order: here with a progress bar, or by the job map set
-    with :func:`jobs_run_by`."""
-    from tqdm.auto import tqdm
-
-    from grpo.rollout import run_job
-
-    job_map = JOB_MAP.get()
-    if job_map is not None:
-        log.info("%s: %d rollout jobs on %s", desc, len(jobs), getattr(job_map, "where", "the job map"))
-        return job_map(jobs)
-    results = []
-    for i, job in enumerate(tqdm(jobs, desc=desc, unit="job"), 1):
-        log.info("%s: rollout job %d of %d: %s", desc, i, len(jobs), job.name)
-        results.append(run_job(job))
-    return results
 
 
 def entry(stage: str) -> Callable[..., dict]:

@@ -9,7 +9,7 @@ trained - base, trained - sft (what GRPO added on top of SFT) and trained - cham
 per domain; judge win rates of trained against the base and the champion (each pair judged in both
 orders; ties and unjudged pairs counted; position consistency); reply length; the KL of trained
 from base on its own samples. A run whose reward rises while the judge prefers the
-base (over at least `evaluate.min_judged` judged pairs), or whose reply length drifts past
+base (at least `evaluate.min_judged` judged pairs, and a sign test at `evaluate.judge_alpha`), or whose reply length drifts past
 `evaluate.max_length_ratio`, is flagged, and a flagged version cannot be promoted. The judge counts
 only when its agreement with the heuristic in label (`paths.metrics`/label.json) reaches
 `evaluate.min_judge_agreement`. Also writes `paths.plots`/eval.csv and a markdown report
@@ -49,10 +49,9 @@ from grpo.io import atomic_path, read_json, write_json
 from grpo.judge import judge_groups
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
-from grpo.rollout import RolloutConfig, RolloutJob
+from grpo.rollout import RolloutConfig, RolloutJob, map_jobs
 from grpo.sft import SFTConfig
 from grpo_agents.params import BaseModelParams, JudgeParams, Paths, RegisterParams
-from grpo_agents.stages import map_jobs
 from mlflow_io.registry import download_policy, sync_champion
 from mlflow_io.tracking import log_metrics, log_table, log_text
 
@@ -90,7 +89,7 @@ def run(
         if champion_version:
             policies["champion"] = download_policy(register.model_name, champion_version, tmp)
         # Every policy meets the same users: the same seed and, with `rollout.user: llm`, the base
-        # model. One job per policy and set; they may run side by side (grpo_agents/stages.py: map_jobs).
+        # model. One job per policy and set; they may run side by side (grpo/rollout.py: map_jobs).
         sets = {None: held_out, **{name: chosen for name, (chosen, _) in extra.items()}}
         keys = [(on, k) for on in sets for k in policies if on is None or k != "champion"]  # extra sets: no champion
         jobs = [

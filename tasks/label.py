@@ -25,9 +25,8 @@ from grpo.judge import judge_groups
 from grpo.labels import label_frame, label_summary
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, heuristic_components
-from grpo.rollout import RolloutConfig, RolloutJob, merge_jobs
+from grpo.rollout import RolloutConfig, RolloutJob, map_jobs, merge_jobs
 from grpo_agents.params import BaseModelParams, JudgeParams, LabelParams, Paths
-from grpo_agents.stages import map_jobs
 from mlflow_io.tracking import log_dict, log_metrics
 
 

@@ -48,10 +48,14 @@ def test_both_orders_cancel_a_position_bias_and_measure_it():
 
 
 def test_hacking_flags():
-    losing = {"wins": 1, "losses": 3, "ties": 0, "win_rate": 0.25}
+    losing = {"wins": 0, "losses": 6, "ties": 0, "win_rate": 0.0}
     assert hacking_flags(0.3, {"wins": 3, "losses": 1, "ties": 0, "win_rate": 0.75}, 1.5, 1.1) == []
-    assert "judge win rate is 0.25" in hacking_flags(0.3, losing, 1.5, 1.0, min_judged=4)[0]
-    assert hacking_flags(0.3, losing, 1.5, 1.0, min_judged=5) == []  # four verdicts are not enough evidence
+    assert "judge win rate is 0.00 (0 wins, 6 losses: sign test p 0.016)" in hacking_flags(0.3, losing, 1.5, 1.0)[0]
+    assert hacking_flags(0.3, losing, 1.5, 1.0, min_judged=7) == []  # six verdicts are not enough evidence
+    assert hacking_flags(0.3, losing, 1.5, 1.0, alpha=0.01) == []  # p 0.016 is not below 0.01
+    # the default run's judge: 0 wins, 2 losses, 6 ties; a win rate of 0.38, but p 0.25: no evidence
+    assert hacking_flags(0.3, {"wins": 0, "losses": 2, "ties": 6, "win_rate": 0.375}, 1.5, 1.0, min_judged=5) == []
+    assert hacking_flags(0.3, {"wins": 1, "losses": 3, "ties": 0, "win_rate": 0.25}, 1.5, 1.0) == []  # p 0.31
     assert hacking_flags(-0.3, losing, 1.5) == []  # reward fell too: nothing hidden
     assert hacking_flags(0.3, {"win_rate": float("nan")}, 1.5) == []  # no judge verdicts: not assessable
     assert "factor of 2.00" in hacking_flags(0.3, {}, 1.5, 2.0)[0] and hacking_flags(0.3, {}, 1.5, 0.5)
@@ -116,7 +120,7 @@ def test_compare_reports_means_cis_domains_and_flags():
     from grpo.evaluation import compare
 
     config = evaluate_config(ci_level=0.9)
-    judge = {"vs_base": {"wins": 0, "losses": 2, "ties": 0, "unjudged": 0, "win_rate": 0.0}}
+    judge = {"vs_base": {"wins": 0, "losses": 6, "ties": 0, "unjudged": 0, "win_rate": 0.0}}
     result = compare(tables(0.2), judge, 0.01, config, seed=0, judge_agreement=0.7)
     assert result["trained"]["reward_mean"] - result["base"]["reward_mean"] == pytest.approx(0.2)
     assert result["vs_base"]["mean"] == pytest.approx(0.2) and result["vs_base"]["level"] == 0.9

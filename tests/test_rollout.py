@@ -251,8 +251,7 @@ def test_rollout_jobs_seed_themselves_so_order_and_place_do_not_matter(tiny_mode
     merging renumbers the groups."""
     from dataclasses import replace
 
-    from grpo.rollout import RolloutJob, merge_jobs, run_job
-    from grpo_agents.stages import jobs_run_by, map_jobs
+    from grpo.rollout import RolloutJob, jobs_run_by, map_jobs, merge_jobs, run_job
 
     def ids(results):
         return [[t.input_ids for t in trajectories] for trajectories, _ in results]
