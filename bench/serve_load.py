@@ -32,16 +32,21 @@ PROMPTS = [
 ]
 
 
+def request(i: int, max_tokens: int, stream: bool = False) -> dict:
+    """The i-th request's body: one of PROMPTS in turn, sampled at 0.7."""
+    return {
+        "model": "bench",
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "stream": stream,
+        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+    }
+
+
 def load_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
     def one(i: int):
-        body = {
-            "model": "bench",
-            "max_tokens": max_tokens,
-            "temperature": 0.7,
-            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-        }
         t0 = time.perf_counter()
-        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+        r = httpx.post(f"{url}/v1/chat/completions", json=request(i, max_tokens), timeout=600)
         tokens = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
         return time.perf_counter() - t0, r.status_code, tokens
 
@@ -62,14 +67,8 @@ def load_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
 
 def stream_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
     def one(i: int):
-        body = {
-            "model": "bench",
-            "max_tokens": max_tokens,
-            "temperature": 0.7,
-            "stream": True,
-            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-        }
         t0, times = time.perf_counter(), []
+        body = request(i, max_tokens, stream=True)
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
