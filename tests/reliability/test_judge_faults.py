@@ -17,6 +17,7 @@ from conftest import ROOT
 
 import tasks.label
 from grpo import scenarios
+from grpo.labels import on_heuristic_scale
 from grpo.rewards import RewardConfig
 from grpo.rollout import RolloutConfig
 from grpo_agents.params import BaseModelParams, JudgeParams, LabelParams, load_params
@@ -215,7 +216,10 @@ def test_every_fault_is_survived_labelled_truly_and_a_rerun_asks_only_for_what_i
     ]
     assert summary["judge_groups"] == len(FAULTS)
     judged_rows = labels[labels["label_source"] == "judge"]
-    assert list(judged_rows["score"]) == list(judged_rows["judge_score"]) == [1 / 3, 2 / 3] * n_judge
+    assert list(judged_rows["judge_score"]) == [1 / 3, 2 / 3] * n_judge
+    for _, group in judged_rows.groupby("scenario_id"):  # the label: the judge's order on the heuristic's scale
+        expected = on_heuristic_scale(group["judge_score"], group["heuristic_score"])
+        assert list(group["score"]) == pytest.approx(list(expected))
 
     notes = per_group(labels[labels["label_source"] == "fallback"], "judge_note")
     assert notes[ticket["always_500"]].startswith("InternalServerError")
