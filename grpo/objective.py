@@ -52,23 +52,96 @@ def token_logprobs(
     start: int = 1,
     entropy: bool = False,
     temperature: float = 1.0,
+    prompt_lens: list[int] | None = None,
+    prefix_model=None,
 ):
     """Log-probability of each token from position ``start`` on, given its prefix, under the
     distribution sampled at ``temperature`` (logits / temperature, as TRL does); shape (B, T-start),
     aligned to ``input_ids[:, start:]``. Logits (the vocabulary projection is a fifth of the
     model's compute) are computed only for the positions that predict those tokens. With
     ``entropy``, also returns the entropy of each of those next-token distributions (no gradient),
-    as a second tensor of the same shape."""
+    as a second tensor of the same shape.
+
+    With ``prompt_lens`` (each row's tokens before its first scored token, all >= ``start``), rows
+    whose prompts are the same tokens share one forward of the prompt (:func:`shared_prompt_logits`);
+    the positions before a row's prompt end then get log-prob 0 and belong outside the loss mask.
+    ``prefix_model`` runs that prompt forward (the bare module under DDP, which sees one forward)."""
+    if (
+        prompt_lens is not None
+        and min(prompt_lens) > 1
+        and len({tuple(r[: n - 1].tolist()) for r, n in zip(input_ids, prompt_lens, strict=True)}) < len(prompt_lens)
+    ):
+        return shared_prompt_logprobs(
+            model, prefix_model or model, input_ids, attention_mask, start, prompt_lens, entropy, temperature
+        )
     keep = input_ids.shape[1] - start + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
+    return _scored(logits, input_ids[:, start:], entropy, temperature)
+
+
+def _scored(logits: torch.Tensor, targets: torch.Tensor, entropy: bool, temperature: float):
+    """Log-probs of ``targets`` under ``logits`` / ``temperature`` in fp32, and with ``entropy``
+    each distribution's entropy (no gradient)."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    logp = -F.cross_entropy(logits.transpose(1, 2), input_ids[:, start:], reduction="none")
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     if not entropy:
         return logp
     with torch.no_grad():
         log_dist = F.log_softmax(logits, dim=-1)
         return logp, -(log_dist.exp() * log_dist).sum(-1)
+
+
+def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompt_lens, entropy, temperature):
+    """:func:`token_logprobs` with each distinct prompt (all its tokens but the last) forwarded once,
+    its KV cache copied to the rows that share it, and only the rest of each row forwarded on top.
+
+    The rows of a GRPO group all start from the same prompt, which on the default settings is
+    most of each sequence (a system prompt of about 160 tokens before 64 sampled ones), so this
+    forwards about half the tokens of the padded batch. Gradients flow through the copied cache
+    into the one prompt forward, so the loss and its gradient equal the padded batch's up to float
+    rounding (tests/test_objective.py). Neither transformers nor TRL forwards shared prompts once
+    in training; the generation side is grpo/rollout.py ``shared_prefix_cache``."""
+    pad = 0
+    first: dict[tuple, int] = {}
+    index = [first.setdefault(tuple(r[: n - 1].tolist()), len(first)) for r, n in zip(ids, prompt_lens, strict=True)]
+    width = max(map(len, first))
+    p_ids = torch.full((len(first), width), pad, dtype=ids.dtype, device=ids.device)
+    p_mask = torch.zeros_like(p_ids)
+    for u, prompt in enumerate(first):  # left-padded, as generate pads prompts
+        p_ids[u, width - len(prompt) :] = torch.tensor(prompt, dtype=ids.dtype)
+        p_mask[u, width - len(prompt) :] = 1
+    positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = prefix_model(
+        input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    ).past_key_values
+    rows = torch.tensor(index, device=ids.device)
+    cache.reorder_cache(rows)
+    # each row from its prompt's last token on, right-padded; its positions continue the prompt's
+    cut = [n - 1 for n in prompt_lens]
+    total = ids.shape[1]
+    width_s = total - min(cut)
+    s_ids = torch.full((len(ids), width_s), pad, dtype=ids.dtype, device=ids.device)
+    s_mask = torch.zeros_like(s_ids)
+    for i, c in enumerate(cut):
+        s_ids[i, : total - c] = ids[i, c:]
+        s_mask[i, : total - c] = attn[i, c:]
+    s_pos = torch.tensor(cut, device=ids.device).unsqueeze(1) + torch.arange(width_s, device=ids.device)
+    logits = model(
+        input_ids=s_ids,
+        attention_mask=torch.cat([p_mask[rows], s_mask], dim=1),
+        position_ids=s_pos,
+        past_key_values=cache,
+    ).logits[:, :-1]
+    out = _scored(logits, s_ids[:, 1:], entropy, temperature)
+    # back to token_logprobs' layout: row i's scored column j is token c_i + 1 + j
+    layout = [(c + 1 - start, total - c - 1) for c in cut]
+
+    def place(x):
+        return torch.stack([F.pad(x[i, :n], (lead, 0)) for i, (lead, n) in enumerate(layout)])
+
+    return tuple(place(x) for x in out) if entropy else place(out)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

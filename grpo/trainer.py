@@ -25,6 +25,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -76,6 +77,11 @@ class GRPOConfig(Config):
     micro_batch_size: int = Field(8, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 disables them")
+    share_prefix: bool = Field(
+        True,
+        description="native: forward a prompt that rows of a micro-batch share once per forward of the update "
+        "(same loss up to float rounding); the trl backend forwards every row whole",
+    )
     turn_credit: bool = Field(False, description="each agent turn's tokens get their own discounted return")
     turn_gamma: float = Field(0.9, ge=0, le=1, description="discount of later turns' contributions (turn_credit)")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
@@ -143,6 +149,7 @@ class MicroBatch:
     advantages: torch.Tensor  # (B,) one per sequence, or (B, T - start) one per token (turn_credit)
     old_logp: torch.Tensor | None  # the sampling policy's; None with num_iterations 1 (logp.detach() is exact)
     ref_logp: torch.Tensor | None  # the base's (adapter disabled); None with beta 0
+    prompt_lens: list[int] | None  # each row's tokens before its first sampled one (share_prefix)
 
 
 def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -159,6 +166,11 @@ def pad_batch(trajs: list[Trajectory], pad_id: int, device) -> tuple[torch.Tenso
         loss_mask[i, :n] = torch.tensor(t.assistant_mask)
     start = max(1, int(loss_mask.any(0).nonzero()[0]))
     return ids.to(device), attn.to(device), loss_mask[:, start:].to(device), start
+
+
+def prompt_len(t: Trajectory) -> int:
+    """The tokens before the trajectory's first sampled one (all of them if it has none)."""
+    return t.assistant_mask.index(1) if 1 in t.assistant_mask else len(t.input_ids)
 
 
 def cut_after_turn(messages: list[dict], k: int) -> list[dict]:
@@ -305,13 +317,15 @@ def micro_batches(
             a = token_advantages(part, per_turn[i : i + cfg.micro_batch_size], ids.shape[1], start, device)
         else:
             a = adv[i : i + cfg.micro_batch_size].to(device)
+        prompts = [prompt_len(t) for t in part] if cfg.share_prefix else None
         with torch.no_grad(), autocast(device):
-            old = token_logprobs(model, ids, attn, start, temperature=temperature) if cfg.num_iterations > 1 else None
+            logprobs = partial(token_logprobs, model, ids, attn, start, temperature=temperature, prompt_lens=prompts)
+            old = logprobs() if cfg.num_iterations > 1 else None
             ref = None
             if cfg.beta > 0:
                 with model.disable_adapter():
-                    ref = token_logprobs(model, ids, attn, start, temperature=temperature)
-        out.append(MicroBatch(ids, attn, mask, start, a, old, ref))
+                    ref = logprobs()
+        out.append(MicroBatch(ids, attn, mask, start, a, old, ref, prompts))
     return out
 
 
@@ -361,12 +375,24 @@ def micro_loss(
     """Forward and backward of one micro-batch's share of the step's loss (``counts``: see
     :func:`update`); adds its entropy, KL and clip figures to ``stats``; returns its loss."""
     n_seqs, n_tokens, n_micro = counts
+    # under DDP the shared prompts go through the bare module: DDP expects one forward per backward
+    bare = model.module if isinstance(model, DistributedDataParallel) else model
+    logprobs = partial(
+        token_logprobs,
+        model,
+        mb.ids,
+        mb.attn,
+        mb.start,
+        temperature=temperature,
+        prompt_lens=mb.prompt_lens,
+        prefix_model=bare,
+    )
     with autocast(mb.ids.device):
         if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
-            logp, ent = token_logprobs(model, mb.ids, mb.attn, mb.start, entropy=True, temperature=temperature)
+            logp, ent = logprobs(entropy=True)
             stats["entropy"] += (ent * mb.mask).sum().item() / n_tokens
         else:
-            logp = token_logprobs(model, mb.ids, mb.attn, mb.start, temperature=temperature)
+            logp = logprobs()
     m = mb.mask.bool()
     for what, lp in (("log-probs", logp), ("old log-probs", mb.old_logp), ("reference log-probs", mb.ref_logp)):
         if lp is not None:

@@ -165,6 +165,50 @@ def test_token_logprobs_from_start_equal_the_full_computation(tiny_model):
     assert torch.allclose(token_logprobs(tiny_model, ids, attn, start=3), full[:, 2:], atol=1e-5)
 
 
+def test_rows_that_share_a_prompt_forward_it_once_with_the_same_logprobs_and_gradient(tiny_model):
+    """Two groups of rows (prompts of 5 and 3 tokens, then sampled tokens of different lengths,
+    right-padded): the shared-prompt path forwards each prompt once and gives the padded batch's
+    log-probs, entropies and LoRA gradients."""
+    from peft import get_peft_model
+
+    from grpo.models import lora_config
+    from grpo.objective import token_logprobs
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model, lora_config(4, 8))
+    for p in model.parameters():  # LoRA's B starts at 0; move it so the adapter changes the forward
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    a, b = [1, 5, 9, 14, 3], [1, 6, 8]
+    rows = [a + [7, 2, 11], a + [4, 4], a + [8, 3, 2, 6], b + [9, 9, 9, 5], b + [2]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    prompts = [5, 5, 5, 3, 3]
+    mask = torch.tensor([[int(p <= j < len(r)) for j in range(width)] for r, p in zip(rows, prompts, strict=True)])
+    prompt_forwards = []
+    hook = model.get_base_model().model.register_forward_hook(
+        lambda m, i, kw, o: prompt_forwards.append(kw["input_ids"].shape), with_kwargs=True
+    )
+
+    def run(**kw):
+        model.zero_grad()
+        logp, ent = token_logprobs(model, ids, attn, start=3, entropy=True, temperature=0.8, **kw)
+        (logp * mask[:, 3:]).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return logp.detach() * mask[:, 3:], ent * mask[:, 3:], grads
+
+    plain = run()
+    prompt_forwards.clear()
+    shared = run(prompt_lens=prompts)
+    hook.remove()
+    assert prompt_forwards == [(2, 4), (5, 7)]  # 2 distinct prompts but their last token, then each row's rest
+    assert torch.allclose(shared[0], plain[0], atol=1e-5)
+    assert torch.allclose(shared[1], plain[1], atol=1e-5)
+    assert all(torch.allclose(s, p, atol=1e-5) for s, p in zip(shared[2], plain[2], strict=True))
+    assert max(g.abs().max() for g in plain[2]) > 1e-3  # the gradients compared are not all zero
+
+
 def test_leave_one_out_baseline():
     r = torch.tensor([1.0, 2.0, 6.0])
     adv, _ = group_advantages(r, 3, "none", leave_one_out=True)
