@@ -335,12 +335,12 @@ def test_dvc_repro_re_evaluates_when_the_champion_moves(flow_project):
 
 
 def test_dvc_experiments_keep_their_metrics(flow_project):
-    """Two experiments with `dvc exp run -S`, a learning rate and a profile: `dvc exp show` has each
-    experiment's params and its metrics (metrics/ is committed with each experiment, so it must not
-    be git-ignored). Last in this module: the workspace keeps the last experiment's params."""
+    """An experiment with `dvc exp run -S`, a profile: `dvc exp show` has the experiment's params
+    and its metrics (metrics/ is committed with each experiment, so it must not be git-ignored).
+    Last in this module: the workspace keeps the experiment's params. (One experiment: each reruns
+    train_policy, evaluate and register, about 70 s here.)"""
     project, env, _ = flow_project
-    sh([str(BIN / "dvc"), "exp", "run", "-S", "train_policy.learning_rate=0.01"], project, env)
-    # A profile: the learning rate goes back to null, so the preset's applies.
+    # A profile, with the learning rate set back to null so that the preset's applies.
     sh(
         [str(BIN / "dvc"), "exp", "run", "-S", "profile=aggressive", "-S", "train_policy.learning_rate=null"],
         project,
@@ -363,9 +363,8 @@ def test_dvc_experiments_keep_their_metrics(flow_project):
         params = data["params"]["params.yaml"]["data"]
         point = params["train_policy"]["learning_rate"] or params["profile"]
         found[point] = data["metrics"]["metrics/eval.json"].get("data", {}).get("trained", {}).get("reward_mean")
-    points = (0.01, "aggressive")
-    assert set(points) <= set(found) and all(found[p] is not None for p in points), found
-    # The last train_policy run (the profile's experiment) trained with the preset's values.
+    assert found.get("aggressive") is not None, found
+    # The last train_policy run (the experiment's) trained with the preset's values.
     client = mlflow_client(project)
     exp = client.get_experiment_by_name("grpo-agents")
     last = client.search_runs([exp.experiment_id], "tags.stage = 'train_policy'", order_by=["start_time DESC"])[0]
