@@ -63,17 +63,25 @@ def token_logprobs(
     as a second tensor of the same shape.
 
     With ``prompt_lens`` (each row's tokens before its first scored token, all >= ``start``), rows
-    whose prompts are the same tokens share one forward of the prompt (:func:`shared_prompt_logits`);
+    whose prompts are the same tokens share one forward of the prompt (:func:`shared_prompt_logprobs`);
     the positions before a row's prompt end then get log-prob 0 and belong outside the loss mask.
     ``prefix_model`` runs that prompt forward (the bare module under DDP, which sees one forward)."""
-    if (
-        prompt_lens is not None
-        and min(prompt_lens) > 1
-        and len({tuple(r[: n - 1].tolist()) for r, n in zip(input_ids, prompt_lens, strict=True)}) < len(prompt_lens)
-    ):
-        return shared_prompt_logprobs(
-            model, prefix_model or model, input_ids, attention_mask, start, prompt_lens, entropy, temperature
-        )
+    if prompt_lens is not None and min(prompt_lens) > 1:
+        # each distinct prompt but its last token, and which of them each row has
+        prompts: dict[tuple, int] = {}
+        index = [prompts.setdefault(tuple(r[: n - 1].tolist()), len(prompts)) for r, n in zip(input_ids, prompt_lens)]
+        if len(prompts) < len(index):
+            return shared_prompt_logprobs(
+                model,
+                prefix_model or model,
+                input_ids,
+                attention_mask,
+                start,
+                list(prompts),
+                index,
+                entropy,
+                temperature,
+            )
     keep = input_ids.shape[1] - start + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
     return _scored(logits, input_ids[:, start:], entropy, temperature)
@@ -93,23 +101,22 @@ def _scored(logits: torch.Tensor, targets: torch.Tensor, entropy: bool, temperat
         return logp, -(log_dist.exp() * log_dist).sum(-1)
 
 
-def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompt_lens, entropy, temperature):
-    """:func:`token_logprobs` with each distinct prompt (all its tokens but the last) forwarded once,
-    its KV cache copied to the rows that share it, and only the rest of each row forwarded on top.
+def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompts, index, entropy, temperature):
+    """:func:`token_logprobs` with each distinct prompt of ``prompts`` (all its tokens but the last)
+    forwarded once, its KV cache copied to the rows that have it (row i has ``prompts[index[i]]``),
+    and only the rest of each row forwarded on top.
 
-    The rows of a GRPO group all start from the same prompt, which on the default settings is
-    most of each sequence (a system prompt of about 160 tokens before 64 sampled ones), so this
-    forwards about half the tokens of the padded batch. Gradients flow through the copied cache
-    into the one prompt forward, so the loss and its gradient equal the padded batch's up to float
-    rounding (tests/test_objective.py). Neither transformers nor TRL forwards shared prompts once
-    in training; the generation side is grpo/rollout.py ``shared_prefix_cache``."""
-    pad = 0
-    first: dict[tuple, int] = {}
-    index = [first.setdefault(tuple(r[: n - 1].tolist()), len(first)) for r, n in zip(ids, prompt_lens, strict=True)]
-    width = max(map(len, first))
-    p_ids = torch.full((len(first), width), pad, dtype=ids.dtype, device=ids.device)
+    The rows of a GRPO group all start from the same prompt, which on the default settings is most
+    of each row (first prompts pad to 164 tokens, bench/generate.py; a turn samples up to 32).
+    Gradients flow through the copied cache into the one prompt forward, so the loss and its
+    gradient equal the padded batch's up to float rounding (tests/test_objective.py). Neither
+    transformers nor TRL forwards shared prompts once in training; the generation side is
+    grpo/rollout.py ``shared_prefix_cache``."""
+    pad = 0  # any id: padding is masked out
+    width = max(map(len, prompts))
+    p_ids = torch.full((len(prompts), width), pad, dtype=ids.dtype, device=ids.device)
     p_mask = torch.zeros_like(p_ids)
-    for u, prompt in enumerate(first):  # left-padded, as generate pads prompts
+    for u, prompt in enumerate(prompts):  # left-padded, as generate pads prompts
         p_ids[u, width - len(prompt) :] = torch.tensor(prompt, dtype=ids.dtype)
         p_mask[u, width - len(prompt) :] = 1
     positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
@@ -119,7 +126,7 @@ def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompt_lens, e
     rows = torch.tensor(index, device=ids.device)
     cache.reorder_cache(rows)
     # each row from its prompt's last token on, right-padded; its positions continue the prompt's
-    cut = [n - 1 for n in prompt_lens]
+    cut = [len(prompts[u]) for u in index]
     total = ids.shape[1]
     width_s = total - min(cut)
     s_ids = torch.full((len(ids), width_s), pad, dtype=ids.dtype, device=ids.device)
