@@ -64,7 +64,8 @@ def token_logprobs(
 
     With ``prompt_lens`` (each row's tokens before its first scored token, all >= ``start``), rows
     whose prompts are the same tokens share one forward of the prompt (:func:`shared_prompt_logprobs`);
-    the positions before a row's prompt end then get log-prob 0 and belong outside the loss mask.
+    the positions before a row's prompt end, and its right padding, then get log-prob 0 (both are
+    outside the loss mask).
     ``prefix_model`` runs that prompt forward (the bare module under DDP, which sees one forward)."""
     if prompt_lens is not None and min(prompt_lens) > 1:
         # each distinct prompt but its last token, and which of them each row has
@@ -125,15 +126,17 @@ def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompts, index
     ).past_key_values
     rows = torch.tensor(index, device=ids.device)
     cache.reorder_cache(rows)
-    # each row from its prompt's last token on, right-padded; its positions continue the prompt's
+    # each row from its prompt's last token to its own end, right-padded to the longest such rest
+    # (not to the batch's width: rows with shorter prompts would carry the difference as padding);
+    # its positions continue the prompt's
     cut = [len(prompts[u]) for u in index]
-    total = ids.shape[1]
-    width_s = total - min(cut)
+    ends = [int(a.nonzero()[-1]) + 1 for a in attn]
+    width_s = max(e - c for e, c in zip(ends, cut, strict=True))
     s_ids = torch.full((len(ids), width_s), pad, dtype=ids.dtype, device=ids.device)
     s_mask = torch.zeros_like(s_ids)
-    for i, c in enumerate(cut):
-        s_ids[i, : total - c] = ids[i, c:]
-        s_mask[i, : total - c] = attn[i, c:]
+    for i, (c, e) in enumerate(zip(cut, ends, strict=True)):
+        s_ids[i, : e - c] = ids[i, c:e]
+        s_mask[i, : e - c] = attn[i, c:e]
     s_pos = torch.tensor(cut, device=ids.device).unsqueeze(1) + torch.arange(width_s, device=ids.device)
     logits = model(
         input_ids=s_ids,
@@ -142,11 +145,13 @@ def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompts, index
         past_key_values=cache,
     ).logits[:, :-1]
     out = _scored(logits, s_ids[:, 1:], entropy, temperature)
-    # back to token_logprobs' layout: row i's scored column j is token c_i + 1 + j
-    layout = [(c + 1 - start, total - c - 1) for c in cut]
+    # back to token_logprobs' layout: row i's scored column j is token c_i + 1 + j; the columns
+    # before its prompt's end and after its own end (padding) get 0
+    total = ids.shape[1]
+    layout = [(c + 1 - start, e - c - 1, total - e) for c, e in zip(cut, ends, strict=True)]
 
     def place(x):
-        return torch.stack([F.pad(x[i, :n], (lead, 0)) for i, (lead, n) in enumerate(layout)])
+        return torch.stack([F.pad(x[i, :n], (lead, tail)) for i, (lead, n, tail) in enumerate(layout)])
 
     return tuple(place(x) for x in out) if entropy else place(out)
 

@@ -202,7 +202,7 @@ def test_rows_that_share_a_prompt_forward_it_once_with_the_same_logprobs_and_gra
     prompt_forwards.clear()
     shared = run(prompt_lens=prompts)
     hook.remove()
-    assert prompt_forwards == [(2, 4), (5, 7)]  # 2 distinct prompts but their last token, then each row's rest
+    assert prompt_forwards == [(2, 4), (5, 5)]  # 2 distinct prompts but their last token, then each row's rest
     assert torch.allclose(shared[0], plain[0], atol=1e-5)
     assert torch.allclose(shared[1], plain[1], atol=1e-5)
     assert all(torch.allclose(s, p, atol=1e-5) for s, p in zip(shared[2], plain[2], strict=True))
