@@ -95,8 +95,8 @@ def stock_trl(model, tokenizer, env, scenarios, cfg, peft_config) -> tuple[list[
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    batch = cfg.scenarios_per_step * cfg.group_size
-    accumulate = batch // cfg.micro_batch_size if batch % cfg.micro_batch_size == 0 else 1
+    from grpo.trl_backend import trl_settings
+
     seconds, rewards = [], []
 
     class Clock(TrainerCallback):
@@ -118,30 +118,11 @@ def stock_trl(model, tokenizer, env, scenarios, cfg, peft_config) -> tuple[list[
     with tempfile.TemporaryDirectory() as out_dir:
         args = GRPOConfig(
             output_dir=out_dir,
-            use_cpu=True,
-            bf16=False,
-            max_steps=cfg.steps,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler_type,
-            weight_decay=cfg.weight_decay,
-            per_device_train_batch_size=batch // accumulate,
-            gradient_accumulation_steps=accumulate,
-            num_generations=cfg.group_size,
+            **trl_settings(cfg, env.config, "cpu"),
             max_completion_length=env.config.max_new_tokens,
-            temperature=env.config.temperature,
-            top_p=env.config.top_p,
-            beta=cfg.beta,
-            epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high,
-            loss_type=cfg.loss_type,
-            scale_rewards=cfg.scale_rewards,
-            num_iterations=cfg.num_iterations,
-            max_grad_norm=cfg.max_grad_norm,
-            seed=cfg.seed,
             logging_steps=1,
             report_to="none",
             save_strategy="no",
-            gradient_checkpointing=False,
             disable_tqdm=True,
         )
         dataset = Dataset.from_list([{"prompt": env.first_messages(s)} for s in scenarios])

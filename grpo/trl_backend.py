@@ -45,7 +45,7 @@ from grpo import checkpoint, distributed
 from grpo.io import read_json, write_json
 from grpo.models import lora_config
 from grpo.objective import group_advantages
-from grpo.rollout import ConversationEnvironment
+from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.scenarios import Scenario
 from grpo.trainer import (
     GRPOConfig,
@@ -75,6 +75,40 @@ RENAME = {
 
 def prompt_key(messages: list[dict]) -> str:
     return json.dumps([[m["role"], m["content"]] for m in messages])
+
+
+def trl_settings(cfg: GRPOConfig, rollout: RolloutConfig, device: str) -> dict:
+    """TRL ``GRPOConfig`` arguments that carry our train_policy and rollout settings: steps,
+    optimiser, sampling, objective, and this rank's rows (whole groups) as TRL's batch and
+    gradient accumulation (our micro-batches)."""
+    batch = cfg.scenarios_per_step * cfg.group_size // distributed.world()
+    accumulate = (
+        batch // cfg.micro_batch_size if cfg.micro_batch_size < batch and batch % cfg.micro_batch_size == 0 else 1
+    )
+    return dict(
+        use_cpu=device == "cpu",
+        bf16=False,
+        max_steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=batch // accumulate,
+        gradient_accumulation_steps=accumulate,
+        num_generations=cfg.group_size,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        beta=cfg.beta,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss_type,
+        scale_rewards=cfg.scale_rewards,
+        importance_sampling_level=cfg.importance_sampling_level,
+        num_iterations=cfg.num_iterations,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        gradient_checkpointing=False,  # TRL's default trades compute for memory; the native loop does not
+    )
 
 
 def train_trl(
@@ -181,10 +215,6 @@ def train_trl(
             if distributed.is_main():
                 write_json(f"{args.output_dir}/checkpoint-{state.global_step}/{HISTORY}", history)
 
-    batch = cfg.scenarios_per_step * cfg.group_size // distributed.world()  # this rank's rows: whole groups
-    accumulate = (
-        batch // cfg.micro_batch_size if cfg.micro_batch_size < batch and batch % cfg.micro_batch_size == 0 else 1
-    )
     save = bool(checkpoint_dir and cfg.checkpoint_every)
     out_dir = checkpoint_dir if save else tempfile.mkdtemp(prefix="trl-grpo-")
     # TRL resumes any checkpoint it finds: only one written by this same run may be resumed
@@ -203,34 +233,13 @@ def train_trl(
     )
     args = TRLConfig(
         output_dir=out_dir,
-        use_cpu=device == "cpu",
-        bf16=False,
-        max_steps=cfg.steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=batch // accumulate,
-        gradient_accumulation_steps=accumulate,
-        num_generations=cfg.group_size,
+        **trl_settings(cfg, env.config, device),
         max_completion_length=env.config.max_new_tokens * env.config.max_turns,
-        temperature=env.config.temperature,
-        top_p=env.config.top_p,
-        beta=cfg.beta,
-        use_bias_correction_kl=cfg.use_bias_correction_kl,
-        epsilon=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high,
-        loss_type=cfg.loss_type,
-        scale_rewards=cfg.scale_rewards,
-        importance_sampling_level=cfg.importance_sampling_level,
-        num_iterations=cfg.num_iterations,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
         logging_steps=1,
         logging_nan_inf_filter=False,  # transformers would log a NaN loss as the mean of the earlier ones
         report_to="none",
         save_strategy="steps" if save else "no",
         save_steps=cfg.checkpoint_every or 500,
-        gradient_checkpointing=False,  # TRL's default trades compute for memory; the native loop does not
         disable_tqdm=not distributed.is_main(),
         deepspeed=deepspeed,
     )
