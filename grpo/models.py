@@ -85,10 +85,24 @@ def policy_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the fp32 LoRA adapters then run in bf16 too); off on the CPU, where
-    the weights stay fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """``train_policy.bf16`` resolved on ``device``: ``auto`` is :func:`bf16_native`."""
+    return bf16_native(device) if setting == "auto" else bool(setting)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast (mixed precision) when ``enabled``: matmuls in bf16, the fp32 weights (the
+    LoRA adapters and, on the CPU, the frozen base) cast as they are used; log-probs are taken in
+    fp32 either way (grpo/objective.py ``_scored``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def load_policy(spec: str, device: str = "auto") -> tuple:

@@ -210,6 +210,59 @@ def shared_prefix_cache(model, prompts: list[list[int]], ids: torch.Tensor, attn
     return cache
 
 
+class TurnCache:
+    """A rollout's KV cache, kept from one agent turn to the next, so that a later turn prefills only
+    what each conversation added since (the tool or user message, and the reply's last token, whose
+    KV generate never computes), not the whole conversation again.
+
+    transformers' generate continues from a cache whose rows hold the first columns of its input
+    (it prefills the rest), but it does not keep one across calls of different lengths. Here each
+    row's cached columns are the last call's left-padded prompt and reply, with the padding after
+    the reply's eos; the next input appends each row's new tokens, left-padded again. The attention
+    mask hides both gaps and generate's positions (the mask's running count) skip them, so every
+    token sees the conversation a fresh prefill would show it, at the same positions."""
+
+    def __init__(self):
+        self.cache = None  # the last call's transformers cache, one row per conversation
+        self.ids: torch.Tensor | None = None  # (rows, cache length): the tokens the cache holds
+        self.mask: torch.Tensor | None = None  # 1 where the column is one of the row's tokens
+        self.row_of: dict[int, int] = {}  # conversation -> cache row
+
+    def take(self, rows: list[int], prompts: list[list[int]], pad: int):
+        """``(input_ids, attention_mask, cache)`` that continue the kept cache with each prompt's
+        new tokens, for the conversations ``rows``; None (prefill afresh) when one of them is not
+        kept or its prompt does not continue what the cache holds. The cache is handed on, not kept."""
+        if self.cache is None or any(r not in self.row_of for r in rows):
+            return None
+        index = torch.tensor([self.row_of[r] for r in rows], device=self.ids.device)
+        ids, mask = self.ids[index], self.mask[index]
+        news = []
+        for p, held in zip(prompts, (i[m.bool()].tolist() for i, m in zip(ids, mask))):
+            if len(p) <= len(held) or p[: len(held)] != held:
+                return None
+            news.append(p[len(held) :])
+        width = max(map(len, news))
+        tail = torch.full((len(news), width), pad, dtype=torch.long)
+        tail_mask = torch.zeros_like(tail)
+        for k, n in enumerate(news):
+            tail[k, width - len(n) :] = torch.tensor(n)
+            tail_mask[k, width - len(n) :] = 1
+        cache, self.cache = self.cache, None
+        cache.reorder_cache(index)  # the rows of this call, in its order
+        return torch.cat([ids, tail.to(ids.device)], 1), torch.cat([mask, tail_mask.to(ids.device)], 1), cache
+
+    def keep(self, rows: list[int], sequences: torch.Tensor, mask: torch.Tensor, replies: list[list[int]], cache):
+        """Keep ``cache`` after a generate call on ``rows`` that returned ``sequences`` from the
+        input with attention ``mask``; ``replies`` are the new tokens up to each row's eos."""
+        held = cache.get_seq_length()  # every column but the last sampled token's
+        new = torch.zeros(len(rows), sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=mask.device)
+        for k, r in enumerate(replies):
+            new[k, : len(r)] = 1
+        self.cache, self.ids = cache, sequences[:, :held]
+        self.mask = torch.cat([mask, new], 1)[:, :held]
+        self.row_of = {r: k for k, r in enumerate(rows)}
+
+
 class ConversationEnvironment:
     """Runs episodes of up to ``max_turns`` agent turns against each scenario's user and tools."""
 
@@ -240,19 +293,26 @@ class ConversationEnvironment:
         seeds: list[int] | None = None,
         processors: list | None = None,
         streamer=None,
+        kept: TurnCache | None = None,
+        rows: list[int] | None = None,
     ) -> list[list[int]]:
         """One batched generate call; returns each row's new tokens up to and including eos. With
         ``seeds`` (and ``do_sample``), each row samples from its own stream (:class:`RowSampler`).
         ``processors`` (logits processors, e.g. grpo/structured.py's) apply before sampling;
-        ``streamer`` (a transformers ``BaseStreamer``) is handed each step's tokens as they are sampled."""
+        ``streamer`` (a transformers ``BaseStreamer``) is handed each step's tokens as they are sampled.
+        ``kept`` (with ``share_prefix``), a rollout's :class:`TurnCache` of the conversations ``rows``:
+        the call continues it where the prompts continue it, and leaves its own cache in it."""
         device = next(model.parameters()).device
-        width = max(map(len, prompts))
         pad = self.tok.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
+        kept = kept if self.config.share_prefix else None
+        continued = kept.take(rows, prompts, pad) if kept is not None else None
+        if continued is None:
+            width = max(map(len, prompts))
+            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, p in enumerate(prompts):  # left padding
+                ids[i, width - len(p) :] = torch.tensor(p)
+                attn[i, width - len(p) :] = 1
         per_row = do_sample and seeds is not None
         sampling = {"do_sample": do_sample and not per_row, "logits_processor": LogitsProcessorList(processors or [])}
         if per_row:
@@ -260,9 +320,12 @@ class ConversationEnvironment:
             sampling["logits_processor"].append(sampler)
         elif do_sample:
             sampling.update(temperature=self.config.temperature, top_p=self.config.top_p, top_k=0)
-        ids, attn = ids.to(device), attn.to(device)
-        if self.config.share_prefix:
-            sampling["past_key_values"] = shared_prefix_cache(model, prompts, ids, attn)
+        if continued is not None:
+            ids, attn, sampling["past_key_values"] = continued
+        else:
+            ids, attn = ids.to(device), attn.to(device)
+            if self.config.share_prefix:
+                sampling["past_key_values"] = shared_prefix_cache(model, prompts, ids, attn)
         out = model.generate(
             input_ids=ids,
             attention_mask=attn,
@@ -271,9 +334,15 @@ class ConversationEnvironment:
             pad_token_id=pad,
             eos_token_id=self.tok.eos_token_id,
             streamer=streamer,
-        )[:, width:].tolist()
+            return_dict_in_generate=True,
+        )
         eos = self.tok.eos_token_id
-        return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+        replies = [
+            row[: row.index(eos) + 1] if eos in row else row for row in out.sequences[:, ids.shape[1] :].tolist()
+        ]
+        if kept is not None:
+            kept.keep(rows, out.sequences, attn, replies, out.past_key_values)
+        return replies
 
     def decode(self, toks: list[int]) -> str:
         return decode_reply(self.tok, toks)
@@ -318,6 +387,7 @@ class ConversationEnvironment:
         done = [False] * len(trajs)
         eos = self.tok.eos_token_id
         t0, generated = time.perf_counter(), 0
+        kept = TurnCache()  # the agent's cache from turn to turn (share_prefix)
 
         def turn_seeds(rows: list[int], turn: int, speaker: int) -> list[int] | None:
             return None if seeds is None else [row_seed(seeds[i], turn, speaker) for i in rows]
@@ -326,9 +396,8 @@ class ConversationEnvironment:
             active = [i for i in range(len(trajs)) if not done[i]]
             if not active:
                 break
-            new = self.generate(
-                model, [trajs[i].input_ids for i in active], do_sample, None, turn_seeds(active, turn, 0)
-            )
+            prompts = [trajs[i].input_ids for i in active]
+            new = self.generate(model, prompts, do_sample, None, turn_seeds(active, turn, 0), kept=kept, rows=active)
             waiting = []  # trajectories whose agent turn ended without a tool call: the user speaks
             for i, toks in zip(active, new):
                 t = trajs[i]

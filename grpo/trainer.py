@@ -39,7 +39,7 @@ from transformers import get_scheduler
 from grpo import checkpoint, distributed
 from grpo.config import Config
 from grpo.distributed import DistributedConfig
-from grpo.models import autocast, lora_config
+from grpo.models import autocast, lora_config, use_bf16
 from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
 from grpo.rollout import ConversationEnvironment, Trajectory, row_seed
 from grpo.scenarios import Scenario
@@ -81,6 +81,12 @@ class GRPOConfig(Config):
         True,
         description="native: forward a prompt that rows of a micro-batch share once per forward of the update "
         "(same loss up to float rounding); the trl backend forwards every row whole",
+    )
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bf16 autocast for the update's forwards and backward, both backends (the weights, LoRA "
+        "adapters and optimiser stay as loaded); auto: where the device multiplies bf16 natively (a CUDA GPU "
+        "that supports it, a CPU with AVX512-BF16 or AMX)",
     )
     turn_credit: bool = Field(False, description="each agent turn's tokens get their own discounted return")
     turn_gamma: float = Field(0.9, ge=0, le=1, description="discount of later turns' contributions (turn_credit)")
@@ -318,7 +324,7 @@ def micro_batches(
         else:
             a = adv[i : i + cfg.micro_batch_size].to(device)
         prompts = [prompt_len(t) for t in part] if cfg.share_prefix else None
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, use_bf16(cfg.bf16, device)):
             logprobs = partial(token_logprobs, model, ids, attn, start, temperature=temperature, prompt_lens=prompts)
             old = logprobs() if cfg.num_iterations > 1 else None
             ref = None
@@ -387,7 +393,7 @@ def micro_loss(
         prompt_lens=mb.prompt_lens,
         prefix_model=bare,
     )
-    with autocast(mb.ids.device):
+    with autocast(mb.ids.device, use_bf16(cfg.bf16, mb.ids.device)):
         if it == 0:  # the entropy of the sampling policy, on the tokens it sampled
             logp, ent = logprobs(entropy=True)
             stats["entropy"] += (ent * mb.mask).sum().item() / n_tokens

@@ -43,7 +43,7 @@ import torch
 
 from grpo import checkpoint, distributed
 from grpo.io import read_json, write_json
-from grpo.models import lora_config
+from grpo.models import lora_config, use_bf16
 from grpo.objective import group_advantages
 from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.scenarios import Scenario
@@ -87,7 +87,7 @@ def trl_settings(cfg: GRPOConfig, rollout: RolloutConfig, device: str) -> dict:
     )
     return dict(
         use_cpu=device == "cpu",
-        bf16=False,
+        bf16=use_bf16(cfg.bf16, torch.device(device)),  # accelerate's autocast, as the native update's
         max_steps=cfg.steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,

@@ -81,7 +81,7 @@ def scripted(env, replies):
     """Make ``env.generate`` answer with these texts, in order, one list per batched call."""
     calls = iter(replies)
 
-    def generate(model, prompts, do_sample=True, max_new_tokens=None, seeds=None):
+    def generate(model, prompts, do_sample=True, max_new_tokens=None, seeds=None, **cache):
         texts = next(calls)
         assert len(texts) == len(prompts)
         return [encode(env.tok, t) + [env.tok.eos_token_id] for t in texts]
@@ -284,3 +284,30 @@ def test_a_prompt_rows_share_is_prefilled_once_and_changes_no_token(tokenizer, t
     assert greedy == unshared.generate(tiny_model, prompts, do_sample=False)
     seeds = list(range(6))
     assert shared.generate(tiny_model, prompts, seeds=seeds) == unshared.generate(tiny_model, prompts, seeds=seeds)
+
+
+def test_later_turns_prefill_only_what_the_conversation_added(tokenizer, tiny_model):
+    """`rollout.share_prefix` also keeps the agent's KV cache from turn to turn (TurnCache): a later
+    turn prefills each row only the tokens added since its last reply, rows whose episode ended
+    drop out, and the episodes are those prefilled afresh, greedy and seeded."""
+    config = RolloutConfig(max_turns=3, max_new_tokens=6)
+    shared = ConversationEnvironment(tokenizer, config)
+    unshared = ConversationEnvironment(tokenizer, config.model_copy(update={"share_prefix": False}))
+    fed = []
+    hook = tiny_model.model.embed_tokens.register_forward_hook(lambda module, args, out: fed.append(out.shape[:2]))
+    try:
+        greedy = shared.rollout(tiny_model, SCEN, 3, do_sample=False)
+    finally:
+        hook.remove()
+    prefills = [shape for shape in fed if shape[1] > 1]
+    # turn 1: the two distinct prompts; turns 2 and 3: scenario a's 3 rows (b has no follow-up)
+    assert len(prefills) == 3 and prefills[0][0] == 2 and [n for n, _ in prefills[1:]] == [3, 3]
+    added = max(len(encode(tokenizer, user_turn_text(tokenizer, f))) for f in SCEN[0].followups)
+    assert all(width <= added + 2 for _, width in prefills[1:])  # the reply's last token, its eos, the message
+    assert min(len(t.input_ids) for t in greedy[:3]) > 3 * added
+    assert [t.input_ids for t in greedy] == [t.input_ids for t in unshared.rollout(tiny_model, SCEN, 3, False)]
+    assert [t.turns for t in greedy] == [3, 3, 3, 1, 1, 1]
+    seeds = list(range(6))
+    assert [t.input_ids for t in shared.rollout(tiny_model, SCEN, 3, seeds=seeds)] == [
+        t.input_ids for t in unshared.rollout(tiny_model, SCEN, 3, seeds=seeds)
+    ]

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from grpo.models import tiny_causal_lm
 from grpo.objective import token_logprobs
 from grpo.rollout import ConversationEnvironment, RolloutConfig
 from grpo.scenarios import Scenario
@@ -55,6 +56,24 @@ def test_reference_is_the_base_with_adapter_disabled(tiny_model):
         assert torch.allclose(token_logprobs(peft, x, attn), base)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_update_runs_in_bf16_autocast_only_when_asked(tokenizer, bf16):
+    """train_policy.bf16: the update's matmuls (reference, loss forward and backward) in bf16 under
+    autocast, the rollouts and the trained adapter in fp32; false keeps every matmul fp32."""
+    model = tiny_causal_lm(tokenizer)
+    seen = {"rollout": set(), "update": set()}  # the rollouts run in eval mode, the update in train mode
+    model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: seen["update" if m.training else "rollout"].add(o.dtype)
+    )
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
+    cfg = GRPOConfig(steps=1, scenarios_per_step=2, group_size=2, beta=0.1, lora_r=4, bf16=bf16)
+    peft, history = train(model, tokenizer, SCEN, last_reply_length, env, cfg)
+    assert seen["rollout"] == {torch.float32}
+    assert seen["update"] == {torch.bfloat16 if bf16 else torch.float32}
+    assert np.isfinite(history[0]["loss"]) and history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert {p.dtype for n, p in peft.named_parameters() if "lora_" in n} == {torch.float32}
+
+
 def test_training_runs_and_only_the_adapter_changes(tokenizer, tiny_model):
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=6))
     frozen = {n: p.clone() for n, p in tiny_model.named_parameters()}
@@ -104,7 +123,6 @@ def test_non_finite_reward_aborts(tokenizer, tiny_model):
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tmp_path):
-    from grpo.models import tiny_causal_lm
 
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=5))
 
@@ -150,7 +168,6 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tokenizer, tm
 def test_a_changed_rollout_or_fingerprint_does_not_resume_a_checkpoint(tokenizer, tmp_path):
     """The checkpoint names its run: config, scenarios, rollout settings and the caller's
     fingerprint (the stage's: reward settings, calibration, reward and base model hashes)."""
-    from grpo.models import tiny_causal_lm
 
     reward = last_reply_length
 
@@ -187,7 +204,6 @@ def test_config_warns_about_gspo_settings_that_do_not_do_what_they_say():
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tokenizer, tmp_path):
     from grpo import checkpoint
-    from grpo.models import tiny_causal_lm
 
     model = add_lora(tiny_causal_lm(tokenizer), GRPOConfig(lora_r=2))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
@@ -199,7 +215,6 @@ def test_checkpoint_of_another_configuration_is_not_resumed(tokenizer, tmp_path)
 def test_grpo_learns_a_trivially_learnable_reward(tokenizer):
     """Reward: the share of words in the reply that start with a capital letter. The tiny model gets
     a large initializer range, so its logits are not nearly uniform and a LoRA can move them."""
-    from grpo.models import tiny_causal_lm
 
     model = tiny_causal_lm(tokenizer, seed=3, initializer_range=0.5)
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=8))
@@ -282,7 +297,6 @@ def test_trl_backend_runs_our_multi_turn_episodes_and_logs_the_native_metric_nam
         "step_seconds",
         "step",
     }
-    from grpo.models import tiny_causal_lm
 
     native_cfg = GRPOConfig(steps=1, scenarios_per_step=2, group_size=2, lora_r=2)
     _, native_rows = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, native_cfg)
@@ -291,7 +305,6 @@ def test_trl_backend_runs_our_multi_turn_episodes_and_logs_the_native_metric_nam
 
 
 def test_trl_backend_resumes_a_killed_run_from_its_checkpoint(tokenizer, tmp_path):
-    from grpo.models import tiny_causal_lm
     from grpo.trl_backend import train_trl
 
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
