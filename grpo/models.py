@@ -105,6 +105,30 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def prompt_cache(model, prompts: list[list[int]], index: list[int], device: torch.device):
+    """The KV cache of each distinct prompt of ``prompts``, forwarded once (left-padded, positions
+    counted over its own tokens), copied to the rows that have it: row i has ``prompts[index[i]]``.
+    Returns ``(cache, each row's attention mask over the cached columns)``.
+
+    The rows of a GRPO group share their prompt. transformers forwards every row of a batch; this
+    forwards each prompt once, for generation (grpo/rollout.py ``shared_prefix_cache``) and for
+    the update (grpo/objective.py ``shared_prompt_logprobs``, where gradients flow back through the
+    copy: ``reorder_cache`` is differentiable)."""
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # padding is masked out
+    mask = torch.zeros_like(ids)
+    for u, prompt in enumerate(prompts):
+        ids[u, width - len(prompt) :] = torch.tensor(prompt)
+        mask[u, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    cache = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    ).past_key_values
+    rows = torch.tensor(index, device=device)
+    cache.reorder_cache(rows)
+    return cache, mask[rows]
+
+
 def load_policy(spec: str, device: str = "auto") -> tuple:
     """``(model, tokenizer)`` of the policy named by ``spec``, on ``device`` (see :func:`pick_device`),
     in :func:`policy_dtype`."""

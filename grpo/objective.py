@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from grpo.models import prompt_cache
+
 
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, leave_one_out: bool = False
@@ -111,28 +113,15 @@ def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompts, index
     of each row (first prompts pad to 164 tokens, bench/generate.py; a turn samples up to 32).
     Gradients flow through the copied cache into the one prompt forward, so the loss and its
     gradient equal the padded batch's up to float rounding (tests/test_objective.py). Neither
-    transformers nor TRL forwards shared prompts once in training; the generation side is
-    grpo/rollout.py ``shared_prefix_cache``."""
-    pad = 0  # any id: padding is masked out
-    width = max(map(len, prompts))
-    p_ids = torch.full((len(prompts), width), pad, dtype=ids.dtype, device=ids.device)
-    p_mask = torch.zeros_like(p_ids)
-    for u, prompt in enumerate(prompts):  # left-padded, as generate pads prompts
-        p_ids[u, width - len(prompt) :] = torch.tensor(prompt, dtype=ids.dtype)
-        p_mask[u, width - len(prompt) :] = 1
-    positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = prefix_model(
-        input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    ).past_key_values
-    rows = torch.tensor(index, device=ids.device)
-    cache.reorder_cache(rows)
+    transformers nor TRL forwards shared prompts once in training (grpo/models.py ``prompt_cache``)."""
+    cache, p_mask = prompt_cache(prefix_model, prompts, index, ids.device)
     # each row from its prompt's last token to its own end, right-padded to the longest such rest
     # (not to the batch's width: rows with shorter prompts would carry the difference as padding);
     # its positions continue the prompt's
     cut = [len(prompts[u]) for u in index]
     ends = [int(a.nonzero()[-1]) + 1 for a in attn]
     width_s = max(e - c for e, c in zip(ends, cut, strict=True))
-    s_ids = torch.full((len(ids), width_s), pad, dtype=ids.dtype, device=ids.device)
+    s_ids = torch.zeros((len(ids), width_s), dtype=ids.dtype, device=ids.device)  # padding is masked out
     s_mask = torch.zeros_like(s_ids)
     for i, (c, e) in enumerate(zip(cut, ends, strict=True)):
         s_ids[i, : e - c] = ids[i, c:e]
@@ -140,7 +129,7 @@ def shared_prompt_logprobs(model, prefix_model, ids, attn, start, prompts, index
     s_pos = torch.tensor(cut, device=ids.device).unsqueeze(1) + torch.arange(width_s, device=ids.device)
     logits = model(
         input_ids=s_ids,
-        attention_mask=torch.cat([p_mask[rows], s_mask], dim=1),
+        attention_mask=torch.cat([p_mask, s_mask], dim=1),
         position_ids=s_pos,
         past_key_values=cache,
     ).logits[:, :-1]

@@ -39,6 +39,7 @@ from pydantic import Field
 from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from grpo.config import Config
+from grpo.models import prompt_cache
 from grpo.scenarios import Scenario
 from grpo.tools import call_tool, parse_call, schemas, template_declares_tools
 
@@ -188,10 +189,11 @@ class RowSampler(LogitsProcessor):
         return scores - noise.log().to(scores.device)
 
 
-def shared_prefix_cache(model, prompts: list[list[int]], ids: torch.Tensor, attn: torch.Tensor):
+def shared_prefix_cache(model, prompts: list[list[int]]):
     """The KV cache of every row's prompt but its last token, computed once per distinct prompt
     and copied to the rows that share it (a group's episodes all start from the same prompt), or
-    None when every prompt is distinct. ``generate`` then prefills only the last token of each row.
+    None when every prompt is distinct. Its columns are those of the left-padded batch but its
+    last, so ``generate`` then prefills only the last token of each row.
 
     transformers' generate prefills every row, so a group of G identical prompts costs G times
     the prefill, which dominates a short rollout turn (bench/generate.py); it takes a ready cache
@@ -200,14 +202,7 @@ def shared_prefix_cache(model, prompts: list[list[int]], ids: torch.Tensor, attn
     index = [first.setdefault(tuple(p), len(first)) for p in prompts]
     if len(first) == len(prompts) or min(map(len, prompts)) < 2:
         return None
-    rows = torch.tensor([index.index(u) for u in range(len(first))], device=ids.device)
-    mask = attn[rows, :-1]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-    cache = model(
-        input_ids=ids[rows, :-1], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    ).past_key_values
-    cache.reorder_cache(torch.tensor(index, device=ids.device))
-    return cache
+    return prompt_cache(model, [list(p[:-1]) for p in first], index, next(model.parameters()).device)[0]
 
 
 class TurnCache:
@@ -325,7 +320,7 @@ class ConversationEnvironment:
         else:
             ids, attn = ids.to(device), attn.to(device)
             if self.config.share_prefix:
-                sampling["past_key_values"] = shared_prefix_cache(model, prompts, ids, attn)
+                sampling["past_key_values"] = shared_prefix_cache(model, prompts)
         out = model.generate(
             input_ids=ids,
             attention_mask=attn,
