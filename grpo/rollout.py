@@ -64,7 +64,9 @@ class RolloutConfig(Config):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     share_prefix: bool = Field(
-        True, description="prefill a prompt that several rows share once (a group's first turn), not once per row"
+        True,
+        description="prefill a prompt that several rows share once (a group's first turn), not once per row, "
+        "and keep each episode's KV cache for its next turn (TurnCache)",
     )
 
 
