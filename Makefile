@@ -44,8 +44,10 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two pytest-xdist workers, each running one test file at a time (module fixtures such as the tiny
+# pipeline run are built once), in the order tests/conftest.py gives: the longest files first.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 repro: install
 	$(BIN)/dvc repro

