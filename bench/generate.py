@@ -22,8 +22,9 @@ import pandas as pd
 import torch
 
 from grpo import scenarios
+from grpo.config import RolloutConfig
 from grpo.models import load_policy
-from grpo.rollout import ConversationEnvironment, RolloutConfig
+from grpo.rollout import ConversationEnvironment
 
 
 def best_of(fn, repeats: int) -> float:

@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from grpo.config import Limits
 from grpo.models import load_causal_lm, load_tokenizer
-from grpo.serving import Limits, create_app, serve_in_thread
+from grpo.serving import create_app, serve_in_thread
 
 PROMPTS = [
     "My order is late, where is it?",

@@ -10,36 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, field_validator
-
-from grpo.config import Config
 
 log = logging.getLogger(__name__)
-
-
-class DistributedConfig(Config):
-    """params.yaml ``train_policy.distributed``."""
-
-    world_size: int = Field(1, ge=1, description="processes on this machine; 1 = one process, no torchrun")
-    strategy: Literal["ddp", "deepspeed"] = Field(
-        "ddp", description="ddp: PyTorch DDP (both backends); deepspeed: ZeRO through accelerate (backend trl)"
-    )
-    zero_stage: int = Field(2, description="DeepSpeed ZeRO stage (strategy deepspeed): 2")
-
-    @field_validator("zero_stage")
-    @classmethod
-    def _stage_two(cls, stage: int) -> int:
-        # Measured: under ZeRO-3 transformers partitions every model loaded after its config is set
-        # (the reward's sentence encoder, loaded on first use, then fails), and the trained LoRA
-        # cannot be merged without gathering the partitioned weights. ZeRO-2 shards what matters
-        # for a LoRA run: optimizer state and gradients.
-        if stage != 2:
-            raise ValueError(f"zero_stage {stage}: only ZeRO stage 2 is supported (README 'Distributed training')")
-        return stage
 
 
 def is_worker() -> bool:

@@ -4,14 +4,12 @@ rates, reward-hacking flags, the KL between two policies, and the comparison rep
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 
-from grpo.config import Config
+from grpo.config import EvaluateConfig
 from grpo.rewards import words
 from grpo.scenarios import subsample
 
@@ -28,41 +26,6 @@ NON_COMPONENTS = (
     "calls",
     "calls_ok",
 )
-
-
-class ExtraSet(Config):
-    """A second held-out set, imported as prepare imports (grpo/imports.py)."""
-
-    source: dict[str, Any] = Field(description="a prepare.sources entry: path, format, domain, columns ...")
-    max_scenarios: int | None = Field(24, ge=1, description="a fixed, seeded subset; null: all")
-
-
-class EvaluateConfig(Config):
-    """How policies are compared (params.yaml ``evaluate``)."""
-
-    max_scenarios: int | None = Field(ge=1, description="held-out scenarios (fixed, domain-balanced subset); null: all")
-    judge_scenarios: int = Field(ge=0, description="scenarios whose pair of conversations the judge compares")
-    min_judged: int = Field(ge=1, description="judged pairs needed before a losing win rate flags a run")
-    judge_alpha: float = Field(
-        0.05,
-        gt=0,
-        lt=1,
-        description="a losing win rate flags a run only when a one-sided sign test over the decisive pairs "
-        "(ties excluded) says the judge prefers the other policy at this level",
-    )
-    min_judge_agreement: float = Field(
-        ge=0,
-        le=1,
-        description="the judge's agreement with the heuristic score in label (within-group pairwise, chance "
-        "0.5) below which its win rates are reported but flag nothing",
-    )
-    max_length_ratio: float = Field(gt=1, description="reply-length drift (either way) that flags a run")
-    samples_per_scenario: int = Field(ge=1)
-    bootstrap: int = Field(ge=100, description="bootstrap resamples for the paired CI")
-    ci_level: float = Field(gt=0, lt=1)
-    extra_sets: dict[str, ExtraSet] = Field(
-        default_factory=dict, description="more held-out sets by name, e.g. real conversations; see README"
-    )
 
 
 def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:

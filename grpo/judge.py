@@ -277,7 +277,8 @@ def endpoint(config: JudgeConfig, model=None, tokenizer=None, local_name: str = 
     if config.base_url:
         yield config
         return
-    from grpo.serving import Limits, create_app, serve_in_thread
+    from grpo.config import Limits
+    from grpo.serving import create_app, serve_in_thread
 
     limits = Limits(max_tokens=config.max_tokens, max_prompt_tokens=8192, max_concurrent=64, max_batch=16)
     app = create_app(lambda: (model, tokenizer, config.model), limits)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from grpo.config import Config
+from grpo.config import FitConfig
 from grpo.models import resolve_spec
 
 
@@ -29,21 +28,6 @@ def load_encoder(spec: str, device: str = "cpu"):
 
     path, _ = resolve_spec(spec)  # raises if a package or directory is missing: no random fallback
     return SentenceTransformer(path, device=device)
-
-
-class FitConfig(Config):
-    """How the reward model is trained (the fitting part of params.yaml ``train_reward``)."""
-
-    epochs: int = Field(300, ge=1, description="phase 1: head only, on cached embeddings (full batch)")
-    learning_rate: float = Field(1e-3, gt=0)
-    patience: int = Field(30, ge=1, description="epochs without a better validation loss before stopping")
-    unfreeze_epochs: int = Field(0, ge=0, description="phase 2: encoder and head together; 0 skips it")
-    encoder_learning_rate: float = Field(2e-5, gt=0)
-    batch_size: int = Field(16, ge=1, description="phase 2 mini-batches")
-    warmup_fraction: float = Field(0.1, ge=0, le=1, description="linear warmup share of each phase's steps")
-    max_grad_norm: float = Field(1.0, gt=0)
-    pairwise_weight: float = Field(0.0, ge=0, description="weight of the Bradley-Terry loss on pairs within a group")
-    weight_decay: float = Field(1e-4, ge=0)
 
 
 def bradley_terry(pred: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -31,14 +31,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
-from grpo.config import Config
+from grpo.config import RolloutConfig
 from grpo.models import prompt_cache
 from grpo.scenarios import Scenario
 from grpo.tools import call_tool, parse_call, schemas, template_declares_tools
@@ -50,24 +48,6 @@ USER_SIMULATOR = (
     "Your goal: {goal} Write only your next message to the agent, one or two short sentences, in "
     "character. If your goal has been met, write only the word DONE."
 )
-
-
-class RolloutConfig(Config):
-    """How episodes are sampled (params.yaml ``rollout``)."""
-
-    max_turns: int = Field(2, ge=1, description="agent turns per episode (user or tool messages in between)")
-    max_new_tokens: int = Field(48, ge=1, description="per agent turn")
-    user: Literal["scripted", "llm"] = Field(
-        "scripted", description="scripted: the scenario's follow-ups; llm: the base model plays persona and goal"
-    )
-    user_max_tokens: int = Field(32, ge=1, description="per LLM-user message")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    share_prefix: bool = Field(
-        True,
-        description="prefill a prompt that several rows share once (a group's first turn), not once per row, "
-        "and keep each episode's KV cache for its next turn (TurnCache)",
-    )
 
 
 @dataclass

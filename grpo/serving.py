@@ -35,18 +35,10 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers.generation.streamers import BaseStreamer
 
-from grpo.config import Config
-from grpo.rollout import ConversationEnvironment, RolloutConfig, decode_reply, encode, render
+from grpo.config import Limits, RolloutConfig
+from grpo.rollout import ConversationEnvironment, decode_reply, encode, render
 from grpo.structured import check_schema, schema_key, schema_processor
 from grpo.tools import parse_call, template_declares_tools, training_form
-
-
-class Limits(Config):
-    max_prompt_tokens: int = Field(2048, ge=1)
-    max_tokens: int = Field(256, ge=1, description="cap on a request's max_tokens")
-    max_concurrent: int = Field(32, ge=1, description="requests queued or running; more get 429")
-    max_batch: int = Field(16, ge=1, description="requests per generate call")
-    batch_wait_s: float = Field(0.02, ge=0, description="how long the batcher waits for more requests")
 
 
 class FunctionCall(BaseModel):

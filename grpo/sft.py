@@ -25,9 +25,8 @@ import re
 import tempfile
 
 import torch
-from pydantic import Field
 
-from grpo.config import Config
+from grpo.config import SFTConfig
 from grpo.models import lora_config
 from grpo.rollout import ConversationEnvironment, Trajectory, encode
 from grpo.scenarios import Scenario
@@ -35,18 +34,6 @@ from grpo.tools import call_text, call_tool
 
 # The order in which a scenario's tools are tried for its demonstration: look before acting.
 PREFERENCE = ("check_order_status", "lookup_account", "search_knowledge_base", "create_ticket", "process_refund")
-
-
-class SFTConfig(Config):
-    """params.yaml ``sft``."""
-
-    enabled: bool = Field(True, description="false: train_policy starts from the base model, as before")
-    epochs: float = Field(2.0, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(4, ge=1)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    max_length: int = Field(512, ge=16, description="tokens per demonstration (longer ones are cut)")
 
 
 def call_for(scenario: Scenario) -> tuple[str, dict] | None:

@@ -26,113 +26,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import numpy as np
 import torch
 from peft import get_peft_model
-from pydantic import Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from grpo import checkpoint, distributed
-from grpo.config import Config
-from grpo.distributed import DistributedConfig
+from grpo.config import GRPOConfig
 from grpo.models import autocast, lora_config, use_bf16
 from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
 from grpo.rollout import ConversationEnvironment, Trajectory, row_seed
 from grpo.scenarios import Scenario
 
 log = logging.getLogger(__name__)
-
-
-class GRPOConfig(Config):
-    """GRPO training settings (params.yaml ``train_policy``), shared by both backends."""
-
-    backend: Literal["native", "trl"] = Field("native", description="native: this loop; trl: grpo/trl_backend.py")
-    steps: int = Field(16, ge=1, description="optimisation steps (one generation round each)")
-    scenarios_per_step: int = Field(4, ge=1, description="groups per step")
-    group_size: int = Field(4, ge=2, description="completions per scenario")
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler_type: Literal["constant", "linear"] = Field(
-        "constant", description="constant, or linear decay to 0 over the run (no warm-up); both backends"
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, both backends (TRL's default 0)")
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    beta: float = Field(0.04, ge=0, description="k3 KL weight; 0 skips the reference forward entirely")
-    use_bias_correction_kl: bool = Field(
-        True, description="weight the k3 KL by the importance ratio (TRL's option and default: unbiased KL gradient)"
-    )
-    epsilon: float = Field(0.2, gt=0)
-    epsilon_high: float = Field(0.28, gt=0)
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    leave_one_out: bool = Field(False, description="RLOO baseline instead of the group mean")
-    importance_sampling_level: Literal["token", "sequence"] = Field(
-        "token", description="token (GRPO) | sequence (GSPO)"
-    )
-    num_iterations: int = Field(1, ge=1, description="updates per generation round")
-    micro_batch_size: int = Field(8, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 disables them")
-    share_prefix: bool = Field(
-        True,
-        description="native: forward a prompt that rows of a micro-batch share once per forward of the update "
-        "(same loss up to float rounding); the trl backend forwards every row whole",
-    )
-    bf16: bool | Literal["auto"] = Field(
-        "auto",
-        description="bf16 autocast for the update's forwards and backward, both backends (the weights, LoRA "
-        "adapters and optimiser stay as loaded); auto: where the device multiplies bf16 natively (a CUDA GPU "
-        "that supports it, a CPU with AVX512-BF16 or AMX)",
-    )
-    turn_credit: bool = Field(False, description="each agent turn's tokens get their own discounted return")
-    turn_gamma: float = Field(0.9, ge=0, le=1, description="discount of later turns' contributions (turn_credit)")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _compatible(self) -> GRPOConfig:
-        n = self.distributed.world_size
-        if self.scenarios_per_step % n:
-            raise ValueError(
-                f"scenarios_per_step {self.scenarios_per_step} must divide by distributed.world_size {n}: "
-                "each rank rolls out whole groups"
-            )
-        if self.distributed.strategy == "deepspeed" and self.backend != "trl":
-            raise ValueError(
-                "distributed.strategy deepspeed runs through TRL and accelerate: set backend: trl, or strategy: ddp"
-            )
-        if self.turn_credit and self.importance_sampling_level == "sequence":
-            raise ValueError(
-                "turn_credit gives each turn its own advantage; it cannot be combined with "
-                "importance_sampling_level: sequence (GSPO), which shares one ratio per sequence"
-            )
-        if self.backend == "trl" and (self.turn_credit or self.leave_one_out):
-            raise ValueError(
-                "backend trl: turn_credit and leave_one_out are native-only; set them to false or use backend: native"
-            )
-        return self
-
-    def warnings(self) -> list[str]:
-        """Settings that run but are probably not what was meant (TRL warns about the first)."""
-        out = []
-        if self.importance_sampling_level == "sequence":
-            if self.loss_type in ("bnpo", "dr_grpo", "dapo"):
-                out.append(
-                    f"importance_sampling_level: sequence with loss_type {self.loss_type} sums per-token terms, "
-                    "which weights each sequence by its length instead of optimising the per-sequence (GSPO) "
-                    "objective; GSPO uses loss_type: grpo"
-                )
-            if max(self.epsilon, self.epsilon_high) > 0.01:
-                out.append(
-                    f"importance_sampling_level: sequence clips one ratio per sequence, the exp of a mean of "
-                    f"token log-ratios, which stays close to 1: epsilon {self.epsilon} / epsilon_high "
-                    f"{self.epsilon_high} will almost never clip (the GSPO paper uses about 3e-4 / 4e-4)"
-                )
-        return out
 
 
 def log_warnings(cfg: GRPOConfig) -> None:

@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 from grpo import checkpoint, distributed
+from grpo.config import GRPOConfig, RolloutConfig
 from grpo.io import read_json, write_json
 from grpo.models import lora_config, use_bf16
 from grpo.objective import group_advantages
-from grpo.rollout import ConversationEnvironment, RolloutConfig
+from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
 from grpo.trainer import (
-    GRPOConfig,
     check_finite,
     generation_metrics,
     log_warnings,

@@ -21,15 +21,9 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from grpo.calibration import UNIT_RANGE, CalibrationConfig
-from grpo.config import Config
-from grpo.evaluation import EvaluateConfig
+from grpo.config import Config, EvaluateConfig, FitConfig, GRPOConfig, Limits, RolloutConfig, SFTConfig
 from grpo.judge import JudgeConfig
-from grpo.reward_model import FitConfig
 from grpo.rewards import RewardConfig
-from grpo.rollout import RolloutConfig
-from grpo.serving import Limits
-from grpo.sft import SFTConfig
-from grpo.trainer import GRPOConfig
 
 PARAMS_FILE = Path("params.yaml")
 

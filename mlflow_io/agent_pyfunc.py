@@ -15,8 +15,9 @@ from mlflow.pyfunc import PythonModel
 
 class AgentModel(PythonModel):
     def load_context(self, context):
+        from grpo.config import RolloutConfig
         from grpo.models import load_policy
-        from grpo.rollout import ConversationEnvironment, RolloutConfig
+        from grpo.rollout import ConversationEnvironment
 
         config = context.model_config or {}
         self.model, self.tokenizer = load_policy(context.artifacts["policy"], config.get("device", "auto"))

@@ -32,9 +32,8 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from grpo import scenarios
+from grpo.config import EvaluateConfig, ExtraSet, RolloutConfig, SFTConfig
 from grpo.evaluation import (
-    EvaluateConfig,
-    ExtraSet,
     compare,
     compare_extra,
     pairs_to_judge,
@@ -49,8 +48,7 @@ from grpo.io import atomic_path, read_json, write_json
 from grpo.judge import judge_groups
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, load_composite
-from grpo.rollout import RolloutConfig, RolloutJob, map_jobs
-from grpo.sft import SFTConfig
+from grpo.rollout import RolloutJob, map_jobs
 from grpo_agents.params import BaseModelParams, JudgeParams, Paths, RegisterParams
 from mlflow_io.registry import download_policy, sync_champion
 from mlflow_io.tracking import log_metrics, log_table, log_text

@@ -20,12 +20,13 @@ from __future__ import annotations
 import pandas as pd
 
 from grpo import scenarios
+from grpo.config import RolloutConfig
 from grpo.io import atomic_path, write_json
 from grpo.judge import judge_groups
 from grpo.labels import label_frame, label_summary
 from grpo.models import load_policy
 from grpo.rewards import RewardConfig, heuristic_components
-from grpo.rollout import RolloutConfig, RolloutJob, map_jobs, merge_jobs
+from grpo.rollout import RolloutJob, map_jobs, merge_jobs
 from grpo_agents.params import BaseModelParams, JudgeParams, LabelParams, Paths
 from mlflow_io.tracking import log_dict, log_metrics
 

@@ -19,10 +19,11 @@ import pandas as pd
 import torch
 
 from grpo import scenarios
+from grpo.config import RolloutConfig, SFTConfig
 from grpo.io import atomic_path, write_json
 from grpo.models import load_policy, save_policy
-from grpo.rollout import ConversationEnvironment, RolloutConfig
-from grpo.sft import SFTConfig, demonstrations, train_sft
+from grpo.rollout import ConversationEnvironment
+from grpo.sft import demonstrations, train_sft
 from grpo_agents.params import Paths
 from mlflow_io.tracking import log_metrics
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import pandas as pd
 
 from grpo import distributed, scenarios
+from grpo.config import GRPOConfig, RolloutConfig, SFTConfig
 from grpo.io import atomic_path, read_json, tree_sha256, write_json
 from grpo.models import load_policy, save_policy
 from grpo.rewards import RewardConfig, load_composite
-from grpo.rollout import ConversationEnvironment, RolloutConfig
-from grpo.sft import SFTConfig
-from grpo.trainer import GRPOConfig, train
+from grpo.rollout import ConversationEnvironment
+from grpo.trainer import train
 from grpo_agents.params import Paths
 from grpo_agents.stages import launch_ranks
 from mlflow_io.tracking import log_metrics

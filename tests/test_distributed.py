@@ -144,7 +144,7 @@ def test_trl_backend_with_deepspeed_zero2_on_gloo_trains_and_writes_a_policy_tha
 
 
 def test_distributed_settings_are_checked_when_params_load():
-    from grpo.trainer import GRPOConfig
+    from grpo.config import GRPOConfig
 
     with pytest.raises(ValueError, match="scenarios_per_step 3 must divide by distributed.world_size 2"):
         GRPOConfig(scenarios_per_step=3, distributed={"world_size": 2})

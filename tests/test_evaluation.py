@@ -64,8 +64,9 @@ def test_hacking_flags():
 def test_policy_kl_is_zero_against_itself_and_positive_against_another(tiny_model, tokenizer):
     import torch
 
+    from grpo.config import RolloutConfig
     from grpo.models import tiny_causal_lm
-    from grpo.rollout import ConversationEnvironment, RolloutConfig
+    from grpo.rollout import ConversationEnvironment
     from grpo.scenarios import Scenario
 
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=6))
@@ -102,7 +103,7 @@ def tables(trained_shift: float, n: int = 8) -> dict:
 
 
 def evaluate_config(ci_level: float):
-    from grpo.evaluation import EvaluateConfig
+    from grpo.config import EvaluateConfig
 
     return EvaluateConfig(
         max_scenarios=None,
@@ -177,7 +178,7 @@ def test_an_extra_set_leaves_out_the_rows_training_used(tmp_path):
     not) or id is in the train set is never evaluated, and is counted."""
     import pandas as pd
 
-    from grpo.evaluation import ExtraSet
+    from grpo.config import ExtraSet
     from grpo.scenarios import Scenario, to_frame
     from tasks.evaluate import extra_scenarios
 

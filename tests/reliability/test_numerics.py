@@ -12,9 +12,10 @@ import pytest
 from conftest import ROOT
 
 import grpo.trainer
-from grpo.rollout import ConversationEnvironment, RolloutConfig
+from grpo.config import GRPOConfig, RolloutConfig
+from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
-from grpo.trainer import GRPOConfig, train
+from grpo.trainer import train
 from grpo_agents.params import load_params
 
 SCEN = [Scenario(id=f"s{i}", domain="sales", persona="p", goal="g", opening=f"Question {i}?") for i in range(2)]
