@@ -156,18 +156,34 @@ class RowSampler(LogitsProcessor):
     """Sampling at ``temperature`` and ``top_p`` with one random stream per row, under greedy
     decoding by the Gumbel-max trick: argmax(logits / T - log E) with E ~ Exp(1), drawn from the
     row's own generator, is a sample of softmax(logits / T). transformers' sampler draws one stream
-    for the whole batch, so a row's tokens there depend on which rows share its batch."""
+    for the whole batch, so a row's tokens there depend on which rows share its batch.
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+    ``temperature`` and ``top_p`` are one value for all rows or one per row (the server batches
+    requests with their own settings); a row at temperature 0 is decoded greedily."""
+
+    def __init__(self, seeds: list[int], temperature: float | list[float], top_p: float | list[float]):
+        n = len(seeds)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.temperature = temperature
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        temperature = temperature if isinstance(temperature, list) else [temperature] * n
+        top_p = top_p if isinstance(top_p, list) else [top_p] * n
+        self.sampled = [t > 0 for t in temperature]
+        self.temperature = torch.tensor([t if t > 0 else 1.0 for t in temperature]).unsqueeze(1)
+        self.top_p: dict[float, list[int]] = {}  # transformers' top-p filter, applied to the rows of each value
+        for i, p in enumerate(top_p):
+            if p < 1.0 and self.sampled[i]:
+                self.top_p.setdefault(p, []).append(i)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature
-        if self.top_p is not None:
-            scores = self.top_p(input_ids, scores)
-        noise = torch.stack([torch.empty(scores.shape[1]).exponential_(generator=g) for g in self.generators])
+        scores = scores.float() / self.temperature.to(scores.device)
+        for p, rows in self.top_p.items():
+            scores[rows] = TopPLogitsWarper(p)(input_ids, scores[rows])
+        width = scores.shape[1]
+        noise = torch.stack(
+            [
+                torch.empty(width).exponential_(generator=g) if s else torch.ones(width)
+                for g, s in zip(self.generators, self.sampled)
+            ]
+        )
         return scores - noise.log().to(scores.device)
 
 

@@ -1,7 +1,9 @@
 """An OpenAI-compatible chat server for a policy: ``/v1/chat/completions``, ``/v1/models``,
 ``/health`` and ``/metrics`` (Prometheus).
 
-Concurrent requests with the same sampling settings are batched into one ``generate`` call. With
+Concurrent requests are batched into one ``generate`` call (with a ``response_format`` schema,
+only with requests of the same schema); each row samples with its own request's temperature, top_p
+and seed (grpo/rollout.py ``RowSampler``), so a seeded reply does not depend on its batch. With
 ``stream: true`` the reply is sent as server-sent-event chunks in OpenAI's format, token by token
 as the batched generation samples them (:class:`RowStreamer`); a request that declares tools gets
 its reply in one piece at the end, since whether it is a call is known only then. ``tools`` and ``tool`` messages
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import socket
 import threading
 import time
@@ -36,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers.generation.streamers import BaseStreamer
 
 from grpo.config import Limits, RolloutConfig
-from grpo.rollout import ConversationEnvironment, decode_reply, encode, render
+from grpo.rollout import ConversationEnvironment, RowSampler, decode_reply, encode, render
 from grpo.structured import check_schema, schema_key, schema_processor
 from grpo.tools import parse_call, template_declares_tools, training_form
 
@@ -107,6 +110,12 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        lt=2**63,
+        description="the same seed, request and model give the same reply, whichever requests share its batch",
+    )
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     response_format: ResponseFormat | None = None
@@ -125,7 +134,10 @@ class ApiError(Exception):
 class Pending:
     prompt: list[int]
     max_tokens: int
-    key: tuple  # (temperature, top_p, JSON schema or None): requests batch only with equal keys
+    temperature: float
+    top_p: float
+    seed: int  # the request's, or a random one: the row's own random stream (grpo/rollout.py RowSampler)
+    key: str | None  # the JSON schema of response_format: requests batch only with the same (or none)
     future: asyncio.Future
     tokens: asyncio.Queue | None = None  # streamed: each sampled token as it comes, then None
 
@@ -196,25 +208,24 @@ class Server:
         self.m_reloads.inc()
 
     def generate(self, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> list[list[int]]:
-        temperature, top_p, schema = batch[0].key
-        # Below this, logits / temperature overflows (found by the fuzzing test: 1.9e-223 gave a 500),
-        # and the distribution is the argmax anyway: decode greedily.
-        sample = temperature >= 1e-3
+        schema = batch[0].key
         with self.lock:
-            config = RolloutConfig(
-                max_turns=1,
-                max_new_tokens=max(p.max_tokens for p in batch),
-                temperature=temperature if sample else 1.0,
-                top_p=top_p,
+            env = ConversationEnvironment(
+                self.tokenizer, RolloutConfig(max_turns=1, max_new_tokens=max(p.max_tokens for p in batch))
             )
-            env = ConversationEnvironment(self.tokenizer, config)
             prompts = [p.prompt for p in batch]
             processors = (
                 [schema_processor(self.tokenizer, json.loads(schema), list(map(len, prompts)))] if schema else []
             )
+            # Each row samples with its request's settings from its own seeded stream, so requests
+            # with other settings share the batch. Below 1e-3, logits / temperature overflows (found
+            # by the fuzzing test: 1.9e-223 gave a 500) and the distribution is the argmax anyway:
+            # such a row is decoded greedily (temperature 0).
+            temperatures = [p.temperature if p.temperature >= 1e-3 else 0.0 for p in batch]
+            processors.append(RowSampler([p.seed for p in batch], temperatures, [p.top_p for p in batch]))
             streamer = RowStreamer(batch, self.tokenizer.eos_token_id, loop) if any(p.tokens for p in batch) else None
             try:
-                out = env.generate(self.model, prompts, do_sample=sample, processors=processors, streamer=streamer)
+                out = env.generate(self.model, prompts, do_sample=False, processors=processors, streamer=streamer)
             finally:
                 if streamer is not None:
                     streamer.close()
@@ -280,7 +291,8 @@ class Server:
         fut = asyncio.get_running_loop().create_future()
         fut.add_done_callback(self.release)  # also when a streaming client has gone away
         tokens = asyncio.Queue() if req.stream and not functions else None
-        pending = Pending(prompt, limit, (req.temperature, req.top_p, schema), fut, tokens)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        pending = Pending(prompt, limit, req.temperature, req.top_p, seed, schema, fut, tokens)
         self.queue.put_nowait(pending)
         return pending, functions
 

@@ -186,21 +186,34 @@ def test_llm_user_plays_the_persona_and_can_end_the_episode(tokenizer, tiny_mode
 
 
 def test_row_sampler_draws_from_the_tempered_top_p_distribution():
-    """Gumbel-max under greedy decoding is a sample of softmax(logits / T), after top-p."""
+    """Gumbel-max under greedy decoding is a sample of softmax(logits / T), after top-p; rows with
+    their own settings in one batch each follow theirs, and temperature 0 is the argmax."""
     from grpo.rollout import RowSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
-    for temperature, top_p in ((0.7, 1.0), (1.0, 0.8)):
+    settings = ((0.7, 1.0), (1.0, 0.8), (1.5, 0.9))
+
+    def expected(temperature, top_p):
         probs = torch.softmax(logits[0] / temperature, -1)
         if top_p < 1.0:  # the smallest set whose mass reaches top_p, renormalised
             order = probs.argsort(descending=True)
             keep = order[: int((probs[order].cumsum(0) < top_p).sum()) + 1]
             probs = torch.zeros_like(probs).index_fill(0, keep, 1) * probs
             probs /= probs.sum()
-        sampler = RowSampler(list(range(6000)), temperature, top_p)
-        picks = sampler(None, logits.expand(6000, -1)).argmax(-1)
+        return probs
+
+    for temperature, top_p in settings:  # one setting for the whole batch, as in training
+        picks = RowSampler(list(range(6000)), temperature, top_p)(None, logits.expand(6000, -1)).argmax(-1)
         freq = torch.bincount(picks, minlength=5).float() / 6000
-        assert torch.allclose(freq, probs, atol=0.02), (temperature, top_p, freq, probs)
+        assert torch.allclose(freq, expected(temperature, top_p), atol=0.02), (temperature, top_p, freq)
+    # each row its own setting, interleaved, and greedy rows among them (the server's batches)
+    rows = [settings[i % 3] for i in range(18000)] + [(0.0, 0.5)] * 30
+    sampler = RowSampler(list(range(len(rows))), [t for t, _ in rows], [p for _, p in rows])
+    picks = sampler(None, logits.expand(len(rows), -1)).argmax(-1)
+    for k, (temperature, top_p) in enumerate(settings):
+        freq = torch.bincount(picks[k:18000:3], minlength=5).float() / 6000
+        assert torch.allclose(freq, expected(temperature, top_p), atol=0.02), (temperature, top_p, freq)
+    assert picks[18000:].eq(0).all()
 
 
 def test_a_seeded_episode_does_not_depend_on_the_rows_beside_it(tokenizer, tiny_model):

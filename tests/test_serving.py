@@ -124,6 +124,35 @@ def test_concurrent_requests_are_batched(server):
     assert 1 <= calls < 6
 
 
+def test_requests_with_other_settings_share_a_batch_and_a_seed_fixes_the_reply(server):
+    """Each row samples with its own temperature, top_p and seed, so requests with other settings
+    batch together, and a seeded reply is the same alone and in a batch of other requests."""
+    url, _ = server
+
+    def ask(kw: dict) -> str:
+        return (
+            client(url)
+            .chat.completions.create(model="m", messages=MSGS, max_tokens=12, **kw)
+            .choices[0]
+            .message.content
+        )
+
+    alone = ask({"seed": 5})
+    settings = [
+        {"seed": 5},
+        {"seed": 6},
+        {"temperature": 0.3, "top_p": 0.5},
+        {"temperature": 0},
+        {"seed": 5, "top_p": 0.9},
+    ]
+    before = metric(url, "generate_calls_total")
+    with ThreadPoolExecutor(len(settings)) as pool:
+        replies = list(pool.map(ask, settings))
+    # 4 different settings: separate generate calls if batches needed equal settings
+    assert metric(url, "generate_calls_total") - before <= 3
+    assert replies[0] == alone and replies[1] != alone
+
+
 @pytest.mark.parametrize(
     "body, status, text",
     [
