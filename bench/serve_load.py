@@ -94,10 +94,13 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=32, help="requests per run")
     ap.add_argument("-c", type=int, nargs="+", default=[8, 32], help="concurrencies of the batched runs")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--batch-wait", type=float, default=Limits().batch_wait_s, help="seconds the batcher waits for more requests"
+    )
     args = ap.parse_args()
     model, tok = load_causal_lm(args.model), load_tokenizer(args.model)
     top = max(args.c)
-    limits = Limits(max_tokens=args.max_tokens, max_batch=top, max_concurrent=top * 2)
+    limits = Limits(max_tokens=args.max_tokens, max_batch=top, max_concurrent=top * 2, batch_wait_s=args.batch_wait)
     app = create_app(lambda: (model, tok, "bench"), limits)
     with serve_in_thread(app) as url:
         load_test(url, 2, 2, 4)  # warm-up
