@@ -4,7 +4,8 @@ Sends N chat requests at each concurrency C, then the same N one at a time, to a
 the model, and prints p50/p99 latency, throughput (requests/s and completion tokens/s) for each,
 the count of 5xx answers (must be 0), and the ratio of batched to sequential throughput. Then
 streams N requests at concurrency 1 and at the first C: time to the first content token (p50,
-p99) and each stream's tokens/s after it (median).
+p99) and each stream's tokens/s after it (median). ``--max-tokens 8 64`` gives the requests
+those limits in turn (mixed lengths, where continuous batching lets short requests leave early).
 
     .venv/bin/python bench/serve_load.py [--model data/models/base] [-n 32] [-c 8 32] [--max-tokens 32]
 """
@@ -33,18 +34,18 @@ PROMPTS = [
 ]
 
 
-def request(i: int, max_tokens: int, stream: bool = False) -> dict:
-    """The i-th request's body: one of PROMPTS in turn, sampled at 0.7."""
+def request(i: int, max_tokens: list[int], stream: bool = False) -> dict:
+    """The i-th request's body: one of PROMPTS and one of ``max_tokens`` in turn, sampled at 0.7."""
     return {
         "model": "bench",
-        "max_tokens": max_tokens,
+        "max_tokens": max_tokens[i % len(max_tokens)],
         "temperature": 0.7,
         "stream": stream,
         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
     }
 
 
-def load_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
+def load_test(url: str, n: int, concurrency: int, max_tokens: list[int]) -> dict:
     def one(i: int):
         t0 = time.perf_counter()
         r = httpx.post(f"{url}/v1/chat/completions", json=request(i, max_tokens), timeout=600)
@@ -66,7 +67,7 @@ def load_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
     }
 
 
-def stream_test(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
+def stream_test(url: str, n: int, concurrency: int, max_tokens: list[int]) -> dict:
     def one(i: int):
         t0, times = time.perf_counter(), []
         body = request(i, max_tokens, stream=True)
@@ -93,17 +94,19 @@ def main() -> None:
     ap.add_argument("--model", default="data/models/base", help="model directory (default: the pipeline's base model)")
     ap.add_argument("-n", type=int, default=32, help="requests per run")
     ap.add_argument("-c", type=int, nargs="+", default=[8, 32], help="concurrencies of the batched runs")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=[32], help="each request's limit, in turn")
     ap.add_argument(
         "--batch-wait", type=float, default=Limits().batch_wait_s, help="seconds the batcher waits for more requests"
     )
     args = ap.parse_args()
     model, tok = load_causal_lm(args.model), load_tokenizer(args.model)
     top = max(args.c)
-    limits = Limits(max_tokens=args.max_tokens, max_batch=top, max_concurrent=top * 2, batch_wait_s=args.batch_wait)
+    limits = Limits(
+        max_tokens=max(args.max_tokens), max_batch=top, max_concurrent=top * 2, batch_wait_s=args.batch_wait
+    )
     app = create_app(lambda: (model, tok, "bench"), limits)
     with serve_in_thread(app) as url:
-        load_test(url, 2, 2, 4)  # warm-up
+        load_test(url, 2, 2, [4])  # warm-up
         runs = {f"concurrency {c}": load_test(url, args.n, c, args.max_tokens) for c in args.c}
         runs["sequential"] = sequential = load_test(url, args.n, 1, args.max_tokens)
         streams = {c: stream_test(url, args.n, c, args.max_tokens) for c in (1, args.c[0])}

@@ -212,10 +212,10 @@ class Limits(Config):
     max_prompt_tokens: int = Field(2048, ge=1)
     max_tokens: int = Field(256, ge=1, description="cap on a request's max_tokens")
     max_concurrent: int = Field(32, ge=1, description="requests queued or running; more get 429")
-    max_batch: int = Field(16, ge=1, description="requests per generate call")
+    max_batch: int = Field(16, ge=1, description="requests decoding together in the running batch")
     batch_wait_s: float = Field(
         0.1,
         ge=0,
-        description="how long the batcher waits for more requests after the first: long enough for the clients "
-        "of the batch that just ended to send their next (bench/README.md), short beside a reply",
+        description="how long a request waits for others to be prefilled with it before it joins the running "
+        "batch (bench/README.md)",
     )

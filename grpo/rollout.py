@@ -159,11 +159,14 @@ class RowSampler(LogitsProcessor):
     for the whole batch, so a row's tokens there depend on which rows share its batch.
 
     ``temperature`` and ``top_p`` are one value for all rows or one per row (the server batches
-    requests with their own settings); a row at temperature 0 is decoded greedily."""
+    requests with their own settings); a row at temperature 0 is decoded greedily. A row's stream
+    is a seed or a generator that goes on where it was (the server's rows outlive one sampler)."""
 
-    def __init__(self, seeds: list[int], temperature: float | list[float], top_p: float | list[float]):
+    def __init__(
+        self, seeds: list[int | torch.Generator], temperature: float | list[float], top_p: float | list[float]
+    ):
         n = len(seeds)
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.generators = [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(s) for s in seeds]
         temperature = temperature if isinstance(temperature, list) else [temperature] * n
         top_p = top_p if isinstance(top_p, list) else [top_p] * n
         self.sampled = [t > 0 for t in temperature]

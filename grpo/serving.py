@@ -1,18 +1,19 @@
 """An OpenAI-compatible chat server for a policy: ``/v1/chat/completions``, ``/v1/models``,
 ``/health`` and ``/metrics`` (Prometheus).
 
-Concurrent requests are batched into one ``generate`` call (with a ``response_format`` schema,
-only with requests of the same schema); each row samples with its own request's temperature, top_p
-and seed (grpo/rollout.py ``RowSampler``), so a seeded reply does not depend on its batch. With
+Requests are batched continuously (grpo/batching.py): a request joins the running batch between
+decoding steps, with the others that arrived within ``batch_wait_s`` of it, and leaves it as soon
+as it is finished. Each row samples with its own request's temperature, top_p and seed, and its
+own ``response_format`` schema, so a seeded reply does not depend on its batch. With
 ``stream: true`` the reply is sent as server-sent-event chunks in OpenAI's format, token by token
-as the batched generation samples them (:class:`RowStreamer`); a request that declares tools gets
-its reply in one piece at the end, since whether it is a call is known only then. ``tools`` and ``tool`` messages
+as they are sampled; a request that declares tools gets its reply in one piece at the end, since
+whether it is a call is known only then. ``tools`` and ``tool`` messages
 are rendered as the policy saw them in training (grpo/tools.py: ``training_form``), and a reply
 that calls one of the request's tools comes back as ``tool_calls`` (one call per reply, as in
 training). ``response_format`` with a JSON schema constrains generation to it (structured outputs,
 grpo/structured.py). The app knows nothing of MLflow: it is given a ``load`` callable that returns
 ``(model, tokenizer, model_name)``, and ``app.state.server.reload()`` swaps in a new model without
-dropping requests in flight.
+dropping requests in flight: they finish on the model they started with.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,11 +38,11 @@ from jinja2.exceptions import TemplateError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers.generation.streamers import BaseStreamer
 
-from grpo.config import Limits, RolloutConfig
-from grpo.rollout import ConversationEnvironment, RowSampler, decode_reply, encode, render
-from grpo.structured import check_schema, schema_key, schema_processor
+from grpo.batching import ContinuousBatch, Row
+from grpo.config import Limits
+from grpo.rollout import decode_reply, encode, render
+from grpo.structured import check_schema, schema_constraint, schema_key
 from grpo.tools import parse_call, template_declares_tools, training_form
 
 
@@ -137,42 +139,11 @@ class Pending:
     temperature: float
     top_p: float
     seed: int  # the request's, or a random one: the row's own random stream (grpo/rollout.py RowSampler)
-    key: str | None  # the JSON schema of response_format: requests batch only with the same (or none)
+    schema: str | None  # the JSON schema of response_format (schema_key), or None
     future: asyncio.Future
+    queued: float  # the event loop's time when it was queued
     tokens: asyncio.Queue | None = None  # streamed: each sampled token as it comes, then None
-
-
-class RowStreamer(BaseStreamer):
-    """Hands each streamed request its row's tokens while one batched ``generate`` samples them,
-    up to its eos or its own ``max_tokens``, then None. transformers' own streamers take one row
-    only; ``generate`` calls ``put`` with the prompt first, then with each step's token per row."""
-
-    def __init__(self, batch: list[Pending], eos: int, loop: asyncio.AbstractEventLoop):
-        self.batch, self.eos, self.loop = batch, eos, loop
-        self.prompt_seen = False
-        self.sent = [0 if p.tokens is not None else p.max_tokens for p in batch]  # not streamed: nothing to send
-
-    def send(self, i: int, token: int | None) -> None:
-        self.loop.call_soon_threadsafe(self.batch[i].tokens.put_nowait, token)
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for i, token in enumerate(value.tolist()):
-            if self.sent[i] < self.batch[i].max_tokens:
-                self.sent[i] += 1
-                self.send(i, token)
-                if token == self.eos:
-                    self.sent[i] = self.batch[i].max_tokens
-
-    def end(self) -> None:  # generate calls it on success only: close() ends the streams either way
-        pass
-
-    def close(self) -> None:
-        for i, p in enumerate(self.batch):
-            if p.tokens is not None:
-                self.send(i, None)
+    sent: int = 0  # tokens put on ``tokens`` so far
 
 
 class Server:
@@ -181,16 +152,30 @@ class Server:
     def __init__(self, load: Callable[[], tuple], limits: Limits, api_key: str | None = None):
         self.load, self.limits, self.api_key = load, limits, api_key
         self.model, self.tokenizer, self.name = load()
-        self.lock = threading.Lock()  # one generate at a time; reload waits for it
+        self.lock = threading.Lock()  # reload waits for the decoding step in progress
+        # Every step runs on this one thread: torch's OpenMP workers belong to the thread that calls
+        # them, and the idle workers of other calling threads spin beside the step (asyncio.to_thread
+        # took 40% longer per step on 2 cores).
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.queue: asyncio.Queue | None = None
         self.in_flight = 0
         reg = self.registry = CollectorRegistry()
         self.m_requests = Counter("chat_requests_total", "Chat completion requests", ["status"], registry=reg)
         self.m_latency = Histogram("chat_request_seconds", "Request latency", registry=reg)
-        self.m_batch = Histogram(
-            "generate_batch_size", "Requests per generate call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg
+        self.m_prefills = Counter(
+            "prefill_calls_total",
+            "Prefills: each admits the requests queued together into the running batch",
+            registry=reg,
         )
-        self.m_calls = Counter("generate_calls_total", "generate() calls", registry=reg)
+        self.m_batch = Histogram(
+            "prefill_batch_size", "Requests admitted per prefill", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg
+        )
+        self.m_steps = Histogram(
+            "decode_batch_size",
+            "Requests in the batch at each decoding step",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=reg,
+        )
         self.m_tokens = Counter("completion_tokens_total", "Generated tokens", registry=reg)
         self.m_inflight = Gauge("requests_in_flight", "Requests queued or running", registry=reg)
         self.m_reloads = Counter("model_reloads_total", "Model reloads", registry=reg)
@@ -203,61 +188,85 @@ class Server:
 
     def reload(self) -> None:
         model, tokenizer, name = self.load()
-        with self.lock:  # swap between generate calls, never during one
+        with self.lock:  # swap between decoding steps; the running batch finishes on its own model
             self.model, self.tokenizer, self.name = model, tokenizer, name
         self.m_reloads.inc()
 
-    def generate(self, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> list[list[int]]:
-        schema = batch[0].key
+    def advance(self, batch: ContinuousBatch, admit: list[Pending]) -> list[Row]:
+        """Prefill ``admit`` into ``batch`` (each gets its first token), or else take one decoding
+        step for every running row; returns the rows that finished. Runs in a worker thread."""
         with self.lock:
-            env = ConversationEnvironment(
-                self.tokenizer, RolloutConfig(max_turns=1, max_new_tokens=max(p.max_tokens for p in batch))
-            )
-            prompts = [p.prompt for p in batch]
-            processors = (
-                [schema_processor(self.tokenizer, json.loads(schema), list(map(len, prompts)))] if schema else []
-            )
-            # Each row samples with its request's settings from its own seeded stream, so requests
-            # with other settings share the batch. Below 1e-3, logits / temperature overflows (found
-            # by the fuzzing test: 1.9e-223 gave a 500) and the distribution is the argmax anyway:
-            # such a row is decoded greedily (temperature 0).
-            temperatures = [p.temperature if p.temperature >= 1e-3 else 0.0 for p in batch]
-            processors.append(RowSampler([p.seed for p in batch], temperatures, [p.top_p for p in batch]))
-            streamer = RowStreamer(batch, self.tokenizer.eos_token_id, loop) if any(p.tokens for p in batch) else None
-            try:
-                out = env.generate(self.model, prompts, do_sample=False, processors=processors, streamer=streamer)
-            finally:
-                if streamer is not None:
-                    streamer.close()
-        self.m_calls.inc()
-        self.m_batch.observe(len(batch))
-        return [o[: p.max_tokens] for o, p in zip(out, batch)]
+            if admit:
+                constraints = {
+                    p.schema: schema_constraint(self.tokenizer, json.loads(p.schema)) for p in admit if p.schema
+                }
+                # Below 1e-3, logits / temperature overflows (found by the fuzzing test: 1.9e-223
+                # gave a 500) and the distribution is the argmax anyway: such a row is greedy.
+                rows = [
+                    Row(p.prompt, p.max_tokens, p.seed, p.temperature if p.temperature >= 1e-3 else 0.0, p.top_p)
+                    for p in admit
+                ]
+                for row, p in zip(rows, admit):
+                    row.allowed, row.tag = constraints.get(p.schema), p
+                batch.admit(rows)
+                self.m_prefills.inc()
+                self.m_batch.observe(len(admit))
+            else:
+                self.m_steps.observe(len(batch.rows))
+                batch.step()
+            return batch.pop_finished()
 
     async def worker(self) -> None:
+        """Admits queued requests into the running batch and steps it. A request waits up to
+        ``batch_wait_s`` for others to be prefilled with it, or less once they fill the room left."""
         loop = asyncio.get_running_loop()
-        held: list[Pending] = []
+        batch: ContinuousBatch | None = None
+        waiting: list[Pending] = []
         while True:
-            first = held.pop(0) if held else await self.queue.get()
-            batch = [first]
-            deadline = loop.time() + self.limits.batch_wait_s
-            while len(batch) < self.limits.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except TimeoutError:
-                    break
-                (batch if item.key == first.key else held).append(item)
+            running = batch is not None and bool(batch.rows)
+            if not waiting and not running:
+                waiting.append(await self.queue.get())
+            while not self.queue.empty():
+                waiting.append(self.queue.get_nowait())
+            waiting = [p for p in waiting if not p.future.done()]  # their clients went away
+            if batch is None or (not running and batch.model is not self.model):
+                batch = ContinuousBatch(self.model, self.tokenizer.eos_token_id)  # the model after a reload
+            for row in batch.rows:
+                row.stopped = row.tag.future.done()
+            room = self.limits.max_batch - len(batch.rows) if batch.model is self.model and batch.accepts() else 0
+            admit: list[Pending] = []
+            if waiting and room:
+                wait = waiting[0].queued + self.limits.batch_wait_s - loop.time()
+                if wait <= 0 or len(waiting) >= room:
+                    admit, waiting = waiting[:room], waiting[room:]
+                elif not running:  # idle: wait for more to come
+                    with contextlib.suppress(TimeoutError):
+                        waiting.append(await asyncio.wait_for(self.queue.get(), wait))
+                    continue
+            if not admit and not batch.rows:
+                continue
             try:
-                outs = await asyncio.to_thread(self.generate, batch, loop)
-                for p, o in zip(batch, outs):
-                    if not p.future.done():
-                        p.future.set_result(o)
-            except Exception as e:  # a failed generate fails its requests, not the server
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                finished = await loop.run_in_executor(self.decoder, self.advance, batch, admit)
+            except Exception as e:  # a failed step fails its requests, not the server
+                for p in admit + [r.tag for r in batch.rows]:
+                    self.end(p, error=e)
+                batch = None
+                continue
+            for row in batch.rows + finished:
+                p = row.tag
+                if p.tokens is not None:
+                    for token in row.tokens[p.sent :]:
+                        p.tokens.put_nowait(token)
+                p.sent = len(row.tokens)
+            for row in finished:
+                self.end(row.tag, row.tokens)
+
+    @staticmethod
+    def end(p: Pending, tokens: list[int] | None = None, error: Exception | None = None) -> None:
+        if p.tokens is not None:
+            p.tokens.put_nowait(None)
+        if not p.future.done():
+            p.future.set_result(tokens) if error is None else p.future.set_exception(error)
 
     def admit(self, req: ChatRequest) -> tuple[Pending, list[dict]]:
         """Check ``req`` (an ApiError names what is wrong) and queue it; ``(pending, functions declared)``.
@@ -288,11 +297,12 @@ class Server:
             raise ApiError(429, "too many concurrent requests", "rate_limit_error")
         self.in_flight += 1
         self.m_inflight.set(self.in_flight)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         fut.add_done_callback(self.release)  # also when a streaming client has gone away
         tokens = asyncio.Queue() if req.stream and not functions else None
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        pending = Pending(prompt, limit, req.temperature, req.top_p, seed, schema, fut, tokens)
+        pending = Pending(prompt, limit, req.temperature, req.top_p, seed, schema, fut, loop.time(), tokens)
         self.queue.put_nowait(pending)
         return pending, functions
 
@@ -342,9 +352,18 @@ class Server:
         }
 
     async def stream(self, pending: Pending, functions: list[dict], t0: float):
-        """Server-sent events of ``pending``'s reply: the text as it is sampled, each chunk what
-        the reply's decoded text gained (held back while it ends in a partial character); with
-        tools declared, the whole reply at the end (:func:`stream_chunks`)."""
+        """Server-sent events of ``pending``'s reply (:meth:`events`). When the client goes away
+        first, starlette stops the stream, and the request leaves the batch at its next step."""
+        try:
+            async for event in self.events(pending, functions, t0):
+                yield event
+        finally:
+            pending.future.cancel()  # nothing to cancel once it is answered
+
+    async def events(self, pending: Pending, functions: list[dict], t0: float):
+        """The text as it is sampled, each chunk what the reply's decoded text gained (held back
+        while it ends in a partial character); with tools declared, the whole reply at the end
+        (:func:`stream_chunks`)."""
         tokenizer = self.tokenizer
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.name}
         if pending.tokens is not None:

@@ -4,7 +4,7 @@ lm-format-enforcer does the constraining: at each step it allows only the tokens
 a valid prefix of a document the schema accepts. Its own transformers integration module does not
 import under transformers 5 (it imports ``transformers.tokenization_utils``, since renamed), so the
 two small pieces it holds are written here: the tokenizer table it needs (:func:`enforcer_data`)
-and the logits processor (:func:`schema_processor`).
+and the per-row constraint (:func:`schema_constraint`), which the server's batch applies.
 
 Only a subset of JSON Schema is accepted (:data:`KEYWORDS`), checked by :func:`check_schema`: the
 subset lm-format-enforcer enforces, so that a schema is either refused up front, with the keyword
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 
 from lmformatenforcer import CharacterLevelParserConfig, JsonSchemaParser, TokenEnforcer, TokenEnforcerTokenizerData
-from transformers import PrefixConstrainedLogitsProcessor
 
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 KEYWORDS = {
@@ -102,23 +102,23 @@ def enforcer_data(tokenizer) -> TokenEnforcerTokenizerData:
     return TokenEnforcerTokenizerData(regular, decode, tokenizer.eos_token_id, False, size)
 
 
-def schema_processor(tokenizer, schema: dict, prompt_lengths: list[int]) -> PrefixConstrainedLogitsProcessor:
-    """A logits processor for ``generate`` that keeps every row's new tokens (after its prompt,
-    left-padded to the longest) a prefix of JSON that ``schema`` accepts, then allows only eos."""
+def schema_constraint(tokenizer, schema: dict) -> Callable[[list[int]], list[int]]:
+    """The tokens that may follow a reply's tokens so far so that it stays a prefix of JSON that
+    ``schema`` accepts; once the JSON is complete, only eos. One constraint serves many rows
+    (lm-format-enforcer keeps the states of the prefixes it has seen)."""
     check_schema(schema)
     parser = JsonSchemaParser(schema, CharacterLevelParserConfig(force_json_field_order=True))
     data = enforcer_data(tokenizer)
     enforcer = TokenEnforcer(data, parser)
     blank = blank_tokens(data)
-    width = max(prompt_lengths)
 
-    def allowed(row: int, ids) -> list[int]:
-        tokens = enforcer.get_allowed_tokens(ids[width:].tolist()).allowed_tokens
+    def allowed(tokens: list[int]) -> list[int]:
+        allowed = enforcer.get_allowed_tokens(tokens).allowed_tokens
         # Whitespace-only tokens are never needed, and a weak model spends its budget on them
         # (lm-format-enforcer's max_consecutive_whitespaces misses tokens of several characters).
-        return [t for t in tokens if t not in blank] or tokens
+        return [t for t in allowed if t not in blank] or allowed
 
-    return PrefixConstrainedLogitsProcessor(allowed, num_beams=1)
+    return allowed
 
 
 @functools.lru_cache(maxsize=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -76,7 +77,7 @@ def test_openai_sdk_streaming(server):
 
 def test_a_stream_sends_each_token_while_the_model_is_still_generating(server):
     """Real streaming: the model's 7th forward call (for the 7th token) waits until the test lets it
-    go; by then the first tokens' text has arrived and generate has not returned. Once released,
+    go; by then the first tokens' text has arrived and the request is not finished. Once released,
     the stream ends, and its text is the unstreamed reply's (greedy, so the same)."""
     url, app = server
     srv = app.state.server
@@ -94,34 +95,112 @@ def test_a_stream_sends_each_token_while_the_model_is_still_generating(server):
 
     srv.model.forward = held
     try:
-        before = metric(url, "generate_calls_total")
+        before, prefills = metric(url, "completion_tokens_total"), metric(url, "prefill_calls_total")
         deltas = []
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=headers) as r:
             events = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
             for event in events:
                 deltas.append(event["choices"][0]["delta"].get("content") or "")
                 if len(deltas) == 6:  # the role, then 5 tokens, each with text here ('{', ' "', 'ans', ...)
-                    assert metric(url, "generate_calls_total") == before and len(calls) == 7
+                    assert metric(url, "completion_tokens_total") == before and len(calls) <= 7
                     assert "".join(deltas) == expected[: len("".join(deltas))] != ""
                     gate.set()
             finish = event["choices"][0]["finish_reason"]
     finally:
         gate.set()
         del srv.model.forward
-    assert gate.is_set() and metric(url, "generate_calls_total") == before + 1
+    assert gate.is_set() and metric(url, "prefill_calls_total") == prefills + 1
     assert "".join(deltas) == expected and finish == whole["choices"][0]["finish_reason"]
 
 
 def test_concurrent_requests_are_batched(server):
     url, _ = server
-    before = metric(url, "generate_calls_total")
+    prefills, steps, rows = (metric(url, m) for m in ("prefill_calls_total", *DECODE))
     with ThreadPoolExecutor(6) as pool:
         replies = list(
             pool.map(lambda _: client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=4), range(6))
         )
     assert len(replies) == 6
-    calls = metric(url, "generate_calls_total") - before
-    assert 1 <= calls < 6
+    assert 1 <= metric(url, "prefill_calls_total") - prefills < 6
+    # decoding steps ran for several requests at once: more rows than steps
+    assert metric(url, DECODE[1]) - rows > metric(url, DECODE[0]) - steps > 0
+
+
+DECODE = ("decode_batch_size_count", "decode_batch_size_sum")  # decoding steps, and the rows they advanced
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_when_finished(server):
+    """Continuous batching: a short request sent while a long one is generating is prefilled into
+    the running batch between its decoding steps (the long one's 5th forward call is held until the
+    short one is queued, and each later call takes 20 ms), and is answered while the long one still
+    generates, with the reply it gets alone (seeded)."""
+    url, app = server
+    srv = app.state.server
+    short = {"seed": 3, "temperature": 1.0, "max_tokens": 4}
+    alone = client(url).chat.completions.create(model="m", messages=MSGS, **short).choices[0].message.content
+    calls, forward = [], srv.model.forward
+
+    def slowed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            deadline = time.monotonic() + 60
+            while srv.in_flight < 2 and time.monotonic() < deadline:  # the short request is queued
+                time.sleep(0.01)
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    srv.model.forward = slowed
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            long = pool.submit(
+                client(url).chat.completions.create,
+                model="m",
+                messages=[{"role": "user", "content": "Tell me everything about my order."}],
+                max_tokens=60,
+                seed=1,
+                temperature=1.0,
+            )
+            while len(calls) < 5:
+                time.sleep(0.01)
+            reply = client(url).chat.completions.create(model="m", messages=MSGS, **short)
+            running = not long.done()
+            assert long.result().choices[0].finish_reason == "length"  # it ran its 60 tokens
+    finally:
+        del srv.model.forward
+    assert running and reply.choices[0].message.content == alone
+
+
+def test_a_stream_whose_client_goes_away_stops_decoding(server):
+    """A client that closes its stream after the first tokens frees its row: the request leaves the
+    batch long before its 60 tokens (each forward call takes 50 ms here), and then a one-token
+    request takes one forward call (its prefill) instead of waiting beside a running row."""
+    url, app = server
+    srv = app.state.server
+    calls, forward = [], srv.model.forward
+
+    def slowed(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    srv.model.forward = slowed
+    body = {"model": "m", "messages": MSGS, "max_tokens": 60, "seed": 1, "stream": True}
+    try:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as r:
+            lines = r.iter_lines()
+            while len(calls) < 3:
+                next(lines)
+        deadline = time.monotonic() + 60
+        while srv.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=1)
+        before = len(calls)
+        client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=1)
+    finally:
+        del srv.model.forward
+    assert len(calls) - before == 1 and before < 30
 
 
 def test_requests_with_other_settings_share_a_batch_and_a_seed_fixes_the_reply(server):
@@ -145,11 +224,11 @@ def test_requests_with_other_settings_share_a_batch_and_a_seed_fixes_the_reply(s
         {"temperature": 0},
         {"seed": 5, "top_p": 0.9},
     ]
-    before = metric(url, "generate_calls_total")
+    before = metric(url, "prefill_calls_total")
     with ThreadPoolExecutor(len(settings)) as pool:
         replies = list(pool.map(ask, settings))
-    # 4 different settings: separate generate calls if batches needed equal settings
-    assert metric(url, "generate_calls_total") - before <= 3
+    # 4 different settings: separate prefills if batches needed equal settings
+    assert metric(url, "prefill_calls_total") - before <= 3
     assert replies[0] == alone and replies[1] != alone
 
 
