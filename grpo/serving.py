@@ -154,8 +154,8 @@ class Server:
         self.model, self.tokenizer, self.name = load()
         self.lock = threading.Lock()  # reload waits for the decoding step in progress
         # Every step runs on this one thread: torch's OpenMP workers belong to the thread that calls
-        # them, and the idle workers of other calling threads spin beside the step (asyncio.to_thread
-        # took 40% longer per step on 2 cores).
+        # them, and the idle workers of other calling threads spin beside the step (with
+        # asyncio.to_thread, 29-41 completion tokens/s at concurrency 8 against 41-50; bench/README.md).
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.queue: asyncio.Queue | None = None
         self.in_flight = 0
@@ -202,12 +202,11 @@ class Server:
                 }
                 # Below 1e-3, logits / temperature overflows (found by the fuzzing test: 1.9e-223
                 # gave a 500) and the distribution is the argmax anyway: such a row is greedy.
+                temperature = [p.temperature if p.temperature >= 1e-3 else 0.0 for p in admit]
                 rows = [
-                    Row(p.prompt, p.max_tokens, p.seed, p.temperature if p.temperature >= 1e-3 else 0.0, p.top_p)
-                    for p in admit
+                    Row(p.prompt, p.max_tokens, p.seed, t, p.top_p, allowed=constraints.get(p.schema), tag=p)
+                    for p, t in zip(admit, temperature)
                 ]
-                for row, p in zip(rows, admit):
-                    row.allowed, row.tag = constraints.get(p.schema), p
                 batch.admit(rows)
                 self.m_prefills.inc()
                 self.m_batch.observe(len(admit))
@@ -456,6 +455,7 @@ def create_app(load: Callable[[], tuple], limits: Limits | None = None, api_key:
         task = asyncio.create_task(server.worker())
         yield
         task.cancel()
+        server.decoder.shutdown(wait=False)
 
     app = FastAPI(title="grpo-agents chat server", lifespan=lifespan)
     app.state.server = server
