@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from grpo.models import prefill
 from grpo.rollout import RowSampler
 
 
@@ -67,20 +68,7 @@ class ContinuousBatch:
 
     @torch.no_grad()
     def admit(self, rows: list[Row]) -> None:
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)  # padding is masked out
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # as generate numbers left-padded rows
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out, mask = prefill(self.model, [r.prompt for r in rows], self.device)
         first = self.sample(rows, out.logits[:, -1])
         cache = out.past_key_values
         self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)

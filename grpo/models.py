@@ -114,19 +114,26 @@ def prompt_cache(model, prompts: list[list[int]], index: list[int], device: torc
     forwards each prompt once, for generation (grpo/rollout.py ``shared_prefix_cache``) and for
     the update (grpo/objective.py ``shared_prompt_logprobs``, where gradients flow back through the
     copy: ``reorder_cache`` is differentiable)."""
+    out, mask = prefill(model, prompts, device)
+    rows = torch.tensor(index, device=device)
+    cache = out.past_key_values
+    cache.reorder_cache(rows)
+    return cache, mask[rows]
+
+
+def prefill(model, prompts: list[list[int]], device: torch.device) -> tuple:
+    """Forward ``prompts`` left-padded to the longest, positions counted over each row's own tokens
+    (as generate numbers left-padded rows), keeping the KV cache and the last position's logits.
+    Returns ``(the model's output, the attention mask)``."""
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # padding is masked out
     mask = torch.zeros_like(ids)
     for u, prompt in enumerate(prompts):
         ids[u, width - len(prompt) :] = torch.tensor(prompt)
         mask[u, width - len(prompt) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-    cache = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    ).past_key_values
-    rows = torch.tensor(index, device=device)
-    cache.reorder_cache(rows)
-    return cache, mask[rows]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return out, mask
 
 
 def load_policy(spec: str, device: str = "auto") -> tuple:
