@@ -37,7 +37,7 @@ class Row:
     seed: int
     temperature: float  # 0: greedy
     top_p: float
-    allowed: Callable[[list[int]], list[int]] | None = None  # the tokens its constraint allows after ``tokens``
+    allowed: Callable[[list[int]], list[int] | None] | None = None  # its constraint: allowed after ``tokens``
     tag: Any = None  # the caller's handle on the request
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False  # the caller gave up on it (its client went away)
@@ -101,9 +101,10 @@ class ContinuousBatch:
         drawn with its own settings and stream (greedy at temperature 0)."""
         scores = logits.float()
         for i, r in enumerate(rows):
-            if r.allowed is not None:
+            allowed = r.allowed(r.tokens) if r.allowed is not None else None
+            if allowed is not None:
                 keep = torch.full_like(scores[i], float("-inf"))
-                keep[r.allowed(r.tokens)] = 0
+                keep[allowed] = 0
                 scores[i] += keep
         sampler = RowSampler([r.generator for r in rows], [r.temperature for r in rows], [r.top_p for r in rows])
         tokens = sampler(None, scores).argmax(-1)

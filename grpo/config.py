@@ -51,6 +51,11 @@ class RolloutConfig(Config):
     user_max_tokens: int = Field(32, ge=1, description="per LLM-user message")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    strict_tool_calls: bool = Field(
+        True,
+        description="a reply that begins like a tool call is decoded under the call's JSON schema (one of the "
+        "scenario's tools, its arguments), so a call cannot be malformed; whether to call stays the policy's choice",
+    )
     share_prefix: bool = Field(
         True,
         description="prefill a prompt that several rows share once (a group's first turn), not once per row, "

@@ -25,6 +25,7 @@ NON_COMPONENTS = (
     "called",
     "calls",
     "calls_ok",
+    "calls_malformed",
 )
 
 
@@ -120,6 +121,7 @@ def score(trajectories, scenarios: list, reward) -> pd.DataFrame:
                 "called": float(np.mean([t.tool_calls > 0 for t in episodes])),
                 "calls": sum(t.tool_calls for t in episodes),
                 "calls_ok": sum(t.tool_calls - t.tool_errors for t in episodes),
+                "calls_malformed": sum(t.tool_malformed for t in episodes),
                 "example": group[0],
             }
         )
@@ -132,14 +134,16 @@ def components(table: pd.DataFrame) -> list[str]:
 
 def means(table: pd.DataFrame) -> dict:
     """Mean reward, reply length and components; ``tool_call_rate``: the share of episodes on
-    scenarios with tools that made a call; ``tool_success``: the share of all calls that succeeded
-    (NaN without calls)."""
+    scenarios with tools that made a call; ``tool_success`` and ``tool_malformed``: the shares of
+    all calls that succeeded and that were not a well-formed call (NaN without calls)."""
     tools = table[table["has_tools"]]
+    calls = table["calls"].sum()
     return {
         "reward_mean": float(table["reward"].mean()),
         "reply_words": float(table["reply_words"].mean()),
         "tool_call_rate": float(tools["called"].mean()) if len(tools) else float("nan"),
-        "tool_success": float(table["calls_ok"].sum() / table["calls"].sum()) if table["calls"].sum() else float("nan"),
+        "tool_success": float(table["calls_ok"].sum() / calls) if calls else float("nan"),
+        "tool_malformed": float(table["calls_malformed"].sum() / calls) if calls else float("nan"),
         **{k: float(table[k].mean()) for k in components(table)},
     }
 
@@ -277,7 +281,14 @@ def report_markdown(result: dict, tables: dict[str, pd.DataFrame], n_examples: i
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    for k in ["reward_mean", "reply_words", "tool_call_rate", "tool_success", *components(tables["base"])]:
+    for k in [
+        "reward_mean",
+        "reply_words",
+        "tool_call_rate",
+        "tool_success",
+        "tool_malformed",
+        *components(tables["base"]),
+    ]:
         lines.append(f"| {k} | " + " | ".join(f"{result[n][k]:.3f}" for n in names) + " |")
     lines += [""]
     lines += [f"- {ci_line(result, other)}" for other in ("base", "sft", "champion") if result.get(f"vs_{other}")]

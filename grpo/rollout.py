@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 from grpo.config import RolloutConfig
 from grpo.models import prompt_cache
 from grpo.scenarios import Scenario
+from grpo.structured import call_constraint
 from grpo.tools import call_tool, parse_call, schemas, template_declares_tools
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ class Trajectory:
     turns: int = 0
     truncated_turns: int = 0
     tool_calls: int = 0
-    tool_errors: int = 0
+    tool_errors: int = 0  # calls that failed, of them
+    tool_malformed: int = 0  # calls that were not a well-formed call, of those
 
     def agent_runs(self) -> list[list[int]]:
         """The token ids of each agent turn: the runs of masked tokens, in order."""
@@ -188,6 +191,27 @@ class RowSampler(LogitsProcessor):
             ]
         )
         return scores - noise.log().to(scores.device)
+
+
+class RowConstraints(LogitsProcessor):
+    """Each row's constraint applied before sampling: a callable from the row's new tokens to the
+    tokens allowed next, or None (grpo/structured.py ``call_constraint``); a row whose constraint is
+    None, or returns None, is free."""
+
+    def __init__(self, constraints: list[Callable[[list[int]], list[int] | None] | None]):
+        self.constraints = constraints
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]  # generate's first call holds the prompt only
+        for i, constraint in enumerate(self.constraints):
+            allowed = constraint(input_ids[i, self.start :].tolist()) if constraint is not None else None
+            if allowed is not None:
+                keep = torch.full_like(scores[i], float("-inf"))
+                keep[allowed] = 0
+                scores[i] += keep
+        return scores
 
 
 def shared_prefix_cache(model, prompts: list[list[int]]):
@@ -388,12 +412,21 @@ class ConversationEnvironment:
         def turn_seeds(rows: list[int], turn: int, speaker: int) -> list[int] | None:
             return None if seeds is None else [row_seed(seeds[i], turn, speaker) for i in rows]
 
+        @functools.cache  # one per tool set in this rollout: its enforcer keeps the prefixes it has seen
+        def strict_calls(tools: tuple[str, ...]):
+            return call_constraint(self.tok, schemas(list(tools))) if tools else None
+
         for turn in range(self.config.max_turns):
             active = [i for i in range(len(trajs)) if not done[i]]
             if not active:
                 break
             prompts = [trajs[i].input_ids for i in active]
-            new = self.generate(model, prompts, do_sample, None, turn_seeds(active, turn, 0), kept=kept, rows=active)
+            strict = None  # strict tool calls in a turn whose call would run
+            if self.config.strict_tool_calls and turn + 1 < self.config.max_turns:
+                strict = [RowConstraints([strict_calls(tuple(scen[i].tools)) for i in active])]
+            new = self.generate(
+                model, prompts, do_sample, None, turn_seeds(active, turn, 0), processors=strict, kept=kept, rows=active
+            )
             waiting = []  # trajectories whose agent turn ended without a tool call: the user speaks
             for i, toks in zip(active, new):
                 t = trajs[i]
@@ -414,6 +447,7 @@ class ConversationEnvironment:
                     result, ok = call_tool(*call, scen[i].tools, backends[i])
                     t.tool_calls += 1
                     t.tool_errors += not ok
+                    t.tool_malformed += not call[0]  # parse_call's name is "" for a malformed call
                     self.add_context(t, "tool", result)
                 else:
                     waiting.append(i)
@@ -445,6 +479,7 @@ class ConversationEnvironment:
             "gen_tokens_per_s": generated / max(elapsed, 1e-9),
             "tool_calls": calls,
             "tool_errors": sum(t.tool_errors for t in trajs),
+            "tool_malformed": sum(t.tool_malformed for t in trajs),
         }
         model.train(was_training)
         return trajs
@@ -520,7 +555,7 @@ def merge_jobs(results: list[tuple[list[Trajectory], dict]]) -> tuple[list[Traje
     """The jobs' trajectories in job order, groups renumbered to follow on, and their summed
     generation stats."""
     out: list[Trajectory] = []
-    totals = {"gen_tokens": 0.0, "gen_seconds": 0.0, "tool_calls": 0, "tool_errors": 0}
+    totals = {"gen_tokens": 0.0, "gen_seconds": 0.0, "tool_calls": 0, "tool_errors": 0, "tool_malformed": 0}
     for trajectories, stats in results:
         offset = 1 + max((t.group for t in out), default=-1)
         for t in trajectories:

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpo.batching import ContinuousBatch, Row
 from grpo.config import Limits
 from grpo.rollout import decode_reply, encode, render
-from grpo.structured import check_schema, schema_constraint, schema_key
+from grpo.structured import call_constraint, check_schema, schema_constraint, schema_key
 from grpo.tools import parse_call, template_declares_tools, training_form
 
 
@@ -77,6 +77,11 @@ class FunctionSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = Field(default=None, description="JSON Schema of the arguments (an object)")
+    strict: bool | None = Field(
+        default=None,
+        description="true on every declared function: a reply that begins like a call is decoded under the "
+        "functions' schemas (the subset grpo/structured.py enforces), as rollouts decode calls in training",
+    )
 
     @model_validator(mode="after")
     def object_schema(self):
@@ -140,6 +145,7 @@ class Pending:
     top_p: float
     seed: int  # the request's, or a random one: the row's own random stream (grpo/rollout.py RowSampler)
     schema: str | None  # the JSON schema of response_format (schema_key), or None
+    calls: str | None  # the functions whose calls are strict (JSON), or None
     future: asyncio.Future
     queued: float  # the event loop's time when it was queued
     tokens: asyncio.Queue | None = None  # streamed: each sampled token as it comes, then None
@@ -199,12 +205,12 @@ class Server:
             if admit:
                 constraints = {
                     p.schema: schema_constraint(self.tokenizer, json.loads(p.schema)) for p in admit if p.schema
-                }
+                } | {p.calls: call_constraint(self.tokenizer, json.loads(p.calls)) for p in admit if p.calls}
                 # Below 1e-3, logits / temperature overflows (found by the fuzzing test: 1.9e-223
                 # gave a 500) and the distribution is the argmax anyway: such a row is greedy.
                 temperature = [p.temperature if p.temperature >= 1e-3 else 0.0 for p in admit]
                 rows = [
-                    Row(p.prompt, p.max_tokens, p.seed, t, p.top_p, allowed=constraints.get(p.schema), tag=p)
+                    Row(p.prompt, p.max_tokens, p.seed, t, p.top_p, allowed=constraints.get(p.schema or p.calls), tag=p)
                     for p, t in zip(admit, temperature)
                 ]
                 batch.admit(rows)
@@ -292,6 +298,14 @@ class Server:
             except ValueError as e:
                 raise ApiError(400, str(e)) from None
             schema = schema_key(req.response_format.json_schema.schema_)
+        calls = None
+        if functions and all(f["function"].get("strict") for f in functions):
+            for i, f in enumerate(functions):
+                try:
+                    check_schema(f["function"]["parameters"] or {"type": "object"}, f"tools.{i}.function.parameters")
+                except ValueError as e:
+                    raise ApiError(400, f"{e} (with strict: true)") from None
+            calls = None if schema else json.dumps(functions, sort_keys=True)  # response_format comes first
         if self.in_flight >= self.limits.max_concurrent:
             raise ApiError(429, "too many concurrent requests", "rate_limit_error")
         self.in_flight += 1
@@ -301,7 +315,7 @@ class Server:
         fut.add_done_callback(self.release)  # also when a streaming client has gone away
         tokens = asyncio.Queue() if req.stream and not functions else None
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        pending = Pending(prompt, limit, req.temperature, req.top_p, seed, schema, fut, loop.time(), tokens)
+        pending = Pending(prompt, limit, req.temperature, req.top_p, seed, schema, calls, fut, loop.time(), tokens)
         self.queue.put_nowait(pending)
         return pending, functions
 

@@ -140,7 +140,14 @@ TOOLS: dict[str, Tool] = {
         Tool(
             "create_ticket",
             "Open a support ticket for follow-up by a specialist.",
-            _obj(summary="what the problem is", priority="low, normal or high"),
+            {
+                "type": "object",
+                "properties": {
+                    "summary": {"type": "string", "description": "what the problem is"},
+                    "priority": {"type": "string", "enum": ["low", "normal", "high"]},
+                },
+                "required": ["summary", "priority"],
+            },
             None,
             create_ticket,
         ),
@@ -176,7 +183,9 @@ def call_tool(name: str, arguments: dict | str, allowed: list[str], backend: dic
 
 
 CALL_FORMAT = '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CALL_PATTERN = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+PARTIAL_CLOSES = [CALL_CLOSE[:k] for k in range(len(CALL_CLOSE) - 1, 1, -1)]  # "</tool_call", ..., "</"
 
 
 def schemas(tools: list[str]) -> list[dict]:
@@ -277,8 +286,11 @@ def parse_call(text: str) -> tuple[str, dict | str] | None:
         if isinstance(bare, dict) and isinstance(bare.get("name"), str) and ({"arguments", "parameters"} & set(bare)):
             return bare["name"], bare.get("arguments", bare.get("parameters"))
         return None
+    body = m.group(1).strip()
+    if not m.group(0).endswith(CALL_CLOSE):  # the turn ended inside the closing tag: the call is whole
+        body = next((body[: -len(p)] for p in PARTIAL_CLOSES if body.endswith(p)), body)
     try:
-        call = json.loads(m.group(1).strip())
+        call = json.loads(body.strip())
     except json.JSONDecodeError as e:
         return "", f"the tool call is not valid JSON ({e.msg}); use {CALL_FORMAT}"
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):

@@ -53,13 +53,15 @@ def run(sft: SFTConfig, rollout: RolloutConfig, seed: int, device: str, paths: P
     longest = [max(map(len, d.agent_runs())) for d in demos]  # each demonstration's longest agent turn
     too_long = sum(n > rollout.max_new_tokens for n in longest)
     if too_long:  # the policy would learn replies that rollouts cut off
+        calls = sum(len(d.agent_runs()[0]) > rollout.max_new_tokens for d in demos if d.tool_calls)
         log.warning(
             "sft: %d of %d demonstrations have an agent turn longer than rollout.max_new_tokens %d (the "
-            "longest: %d tokens); rollouts will cut those replies, tool calls included: raise it",
+            "longest: %d tokens; %d of them a tool call, which a cut makes malformed); rollouts will cut them",
             too_long,
             len(demos),
             rollout.max_new_tokens,
             max(longest),
+            calls,
         )
     log.info(
         "sft: %d demonstrations (%d with a tool call) from %d training scenarios; %d give none",

@@ -93,6 +93,7 @@ def tables(trained_shift: float, n: int = 8) -> dict:
                 "called": [called if i < n // 2 else 0.0 for i in range(n)],
                 "calls": [2 * called if i < n // 2 else 0 for i in range(n)],  # two samples a scenario
                 "calls_ok": [1 if i == 0 and called else 0 for i in range(n)],
+                "calls_malformed": [1 if i == 1 and called else 0 for i in range(n)],
                 "example": [
                     [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}] for i in range(n)
                 ],
@@ -128,6 +129,7 @@ def test_compare_reports_means_cis_domains_and_flags():
     assert result["per_domain"]["sales"]["trained"] == pytest.approx(0.5) and result["trained"]["empathy"] == 0.5
     # tool use: episodes with a call on scenarios with tools; calls that succeeded (none made: NaN)
     assert result["trained"]["tool_call_rate"] == 0.5 and result["trained"]["tool_success"] == 0.25
+    assert result["trained"]["tool_malformed"] == 0.25 and "calls_malformed" not in result["trained"]
     assert result["base"]["tool_call_rate"] == 0.0 and np.isnan(result["base"]["tool_success"])
     assert result["per_domain_tools"]["sales"]["trained"] == {"tool_call_rate": 0.5, "tool_success": 0.5}
     assert result["per_domain_vs"]["tutoring"]["vs_base"]["mean"] == pytest.approx(0.2)

@@ -6,7 +6,7 @@ import torch
 from grpo.config import RolloutConfig
 from grpo.rollout import ConversationEnvironment, Trajectory, encode, render, user_prompt, user_turn_text
 from grpo.scenarios import Scenario
-from grpo.tools import schemas, template_declares_tools, training_form
+from grpo.tools import parse_call, schemas, template_declares_tools, training_form
 
 SCEN = [
     Scenario(
@@ -115,7 +115,7 @@ def test_tool_calls_run_against_the_episode_backend_and_are_context(tokenizer, t
     assert json.loads(a.messages[3]["content"])["status"] == "lost in transit"
     assert json.loads(a.messages[7]["content"])["refunded"] == 20.0
     assert ORDER.backend["orders"]["48213"].get("refunded") is None  # the scenario's own data is untouched
-    assert (a.tool_calls, a.tool_errors) == (2, 0) and (b.tool_calls, b.tool_errors) == (1, 1)
+    assert (a.tool_calls, a.tool_errors) == (2, 0) and (b.tool_calls, b.tool_errors, b.tool_malformed) == (1, 1, 1)
     assert "not valid JSON" in b.messages[3]["content"] and b.turns == 3  # the episode went on
     assert env.stats["tool_calls"] == 3 and env.stats["tool_errors"] == 1
     assert masked_runs(a, tokenizer) == [m["content"] for m in a.messages if m["role"] == "assistant"]
@@ -325,3 +325,35 @@ def test_later_turns_prefill_only_what_the_conversation_added(tokenizer, tiny_mo
     assert [t.input_ids for t in shared.rollout(tiny_model, SCEN, 3, seeds=seeds)] == [
         t.input_ids for t in unshared.rollout(tiny_model, SCEN, 3, seeds=seeds)
     ]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_strict_tool_calls_cannot_be_malformed(tokenizer, tiny_model, strict):
+    """The tiny random model, pushed to write '<' (a bias on its logits), opens every reply with it.
+    With strict calls each first reply is then a call of one of the scenario's tools that parses and
+    runs; without, the '<'s are no call at all."""
+    lt = tokenizer.convert_tokens_to_ids("<")
+
+    def push(module, inputs, logits):
+        logits[..., lt] += 20.0
+        return logits
+
+    hook = tiny_model.lm_head.register_forward_hook(push)
+    try:
+        env = ConversationEnvironment(
+            tokenizer, RolloutConfig(max_turns=2, max_new_tokens=96, strict_tool_calls=strict)
+        )
+        trajectories = env.rollout(tiny_model, [ORDER], group_size=2, seeds=[1, 2])
+    finally:
+        hook.remove()
+    for t in trajectories:
+        first = t.messages[2]["content"]
+        assert first.startswith("<")
+        if strict:
+            name, arguments = parse_call(first)
+            assert name in ORDER.tools and set(arguments) == {"order_id"}, first
+            assert t.tool_calls == 1 and t.messages[3]["role"] == "tool"
+            assert "no order" in t.messages[3]["content"]  # it ran: only the made-up id was refused
+            assert t.tool_malformed == 0
+        else:
+            assert parse_call(first) is None and t.tool_calls == 0

@@ -364,6 +364,39 @@ def test_a_tool_round_trip_through_the_openai_sdk(server, tokenizer):
     assert "check_order_status" in none.choices[0].message.content
 
 
+def test_strict_functions_get_calls_that_parse(server):
+    """With ``strict: true`` a reply that begins like a call is held to a call of a declared function
+    (grpo/structured.py call_constraint), as rollouts decode calls in training. The tiny random
+    model is pushed to open its reply with '<' (a bias on its first token's logits only): strict, it
+    comes back as ``tool_calls``; without strict, the same opening runs on as text."""
+    url, app = server
+    lt = app.state.server.tokenizer.convert_tokens_to_ids("<")
+
+    def push(module, args, kwargs, out):
+        if kwargs["input_ids"].shape[1] > 1:  # the prefill, which samples the reply's first token
+            out.logits[:, -1, lt] += 20.0
+        return out
+
+    strict = {"type": "function", "function": {**ORDER_TOOL["function"], "strict": True}}
+    c = client(url)
+    hook = app.state.server.model.register_forward_hook(push, with_kwargs=True)
+    try:
+        replies = {
+            k: c.chat.completions.create(model="m", messages=MSGS, tools=[tool], max_tokens=64, temperature=0)
+            for k, tool in (("strict", strict), ("free", ORDER_TOOL))
+        }
+    finally:
+        hook.remove()
+    [call] = replies["strict"].choices[0].message.tool_calls
+    assert call.function.name == "check_order_status" and list(json.loads(call.function.arguments)) == ["order_id"]
+    assert replies["strict"].choices[0].finish_reason == "tool_calls"
+    free = replies["free"].choices[0].message
+    assert free.tool_calls is None and free.content.startswith("<")
+    bad = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {"type": "object", "oneOf": []}}}
+    with pytest.raises(openai.BadRequestError, match=r"tools\.0\.function\.parameters: unsupported keyword 'oneOf'"):
+        c.chat.completions.create(model="m", messages=MSGS, tools=[bad], max_tokens=4)
+
+
 def test_a_vanishing_temperature_decodes_greedily(server):
     url, _ = server
     r = client(url).chat.completions.create(model="m", messages=MSGS, max_tokens=4, temperature=1.9e-223)

@@ -114,6 +114,7 @@ def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_
     assert len(pd.read_csv(tmp_path / "plots/sft.csv")) == 1
     # the call alone is 36 tokens: rollouts of 32 would cut it, and the stage says so
     assert params.rollout.max_new_tokens == 32 and "1 of 1 demonstrations have an agent turn longer" in caplog.text
+    assert "1 of them a tool call" in caplog.text
     # disabled: a note, and train_policy starts from the base model
     off = params.sft.model_copy(update={"enabled": False})
     assert tasks.sft.run(off, params.rollout, 7, "cpu", paths) == {"enabled": 0}

@@ -21,6 +21,7 @@ def test_parse_call_finds_the_call_or_says_what_is_malformed():
         'Let me look. <tool_call>{"name": "check_order_status", "arguments": {"order_id": "7"}}</tool_call>'
     ) == ("check_order_status", {"order_id": "7"})
     assert parse_call('<tool_call>{"name": "x"')[0] == ""  # cut off: malformed, not ignored
+    assert parse_call('<tool_call>{"name": "x", "arguments": {}}</tool_') == ("x", {})  # cut in the closing tag
     # Llama 3.1's format: the whole reply is the call
     assert parse_call(' {"name": "lookup_account", "parameters": {"account_id": "a1"}}') == (
         "lookup_account",
@@ -101,3 +102,39 @@ def test_chat_runs_the_agents_calls_against_the_scenarios_backend():
     messages = [{"role": "user", "content": "hi"}]
     agent_turn(lambda m: call, messages, None, None, said.append)
     assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
+def test_a_strict_call_always_parses_to_a_declared_tool(tokenizer):
+    """Random walks through what grpo/structured.py call_constraint allows (ASCII tokens, so that
+    any text is possible) from a reply's first '<': every one ends in a call of a declared tool whose
+    arguments are the tool's, string arguments at most MAX_ARGUMENT_CHARS long (lm-format-enforcer
+    lets one more character through now and then)."""
+    import random
+
+    from grpo.structured import MAX_ARGUMENT_CHARS, call_constraint
+    from grpo.tools import schemas
+
+    declared = ["check_order_status", "create_ticket"]
+    constraint = call_constraint(tokenizer, schemas(declared))
+    ascii_tokens = {i for i in range(len(tokenizer)) if tokenizer.decode([i]).isascii()} | {tokenizer.eos_token_id}
+    rng = random.Random(0)
+    for _ in range(12):
+        tokens = tokenizer.encode("<", add_special_tokens=False)
+        while tokens[-1] != tokenizer.eos_token_id:
+            allowed = constraint(tokens)
+            assert allowed is not None, tokenizer.decode(tokens)
+            tokens.append(rng.choice(sorted(set(allowed) & ascii_tokens)))
+            assert len(tokens) < 200
+        text = tokenizer.decode(tokens[:-1])
+        assert text.startswith("<tool_call>") and text.endswith("</tool_call>")
+        name, arguments = parse_call(text)
+        assert name in declared and set(arguments) <= set(TOOLS[name].parameters["properties"]), text
+        assert set(arguments) >= set(TOOLS[name].parameters["required"]), text
+        assert all(len(v) <= MAX_ARGUMENT_CHARS + 1 for v in arguments.values()), text  # lm-format-enforcer: +1
+        result, ok = call_tool(name, arguments, declared, json.loads(json.dumps(BACKEND)))
+        assert ok or "no order" in result, result  # only the backend can refuse it (an unknown order id)
+    # Whether to call is the model's: free before the first token, for other replies, and after eos.
+    assert constraint([]) is None
+    assert constraint(tokenizer.encode("Sure, <tool_call>", add_special_tokens=False)) is None
+    call = tokenizer.encode('<tool_call>{"name": "create_ticket"', add_special_tokens=False)
+    assert constraint(call) is not None and constraint(call + [tokenizer.eos_token_id]) is None
