@@ -25,6 +25,7 @@ from lmformatenforcer import (
     TokenEnforcer,
     TokenEnforcerTokenizerData,
 )
+from lmformatenforcer.consts import WHITESPACE_CHARACTERS
 
 from grpo.tools import CALL_CLOSE, CALL_OPEN
 
@@ -219,12 +220,13 @@ def blank_tokens(data: TokenEnforcerTokenizerData) -> frozenset[int]:
 
 @functools.lru_cache(maxsize=4)
 def foreign_tokens(data: TokenEnforcerTokenizerData) -> frozenset[int]:
-    """Tokens with a character outside lm-format-enforcer's alphabet (ASCII letters, digits, space
-    and common punctuation; not 'é', '|' or a part of a character). Its shortcut inside a JSON string
-    allows them, but its parser then refuses the character and allows nothing more: with SmolLM2's
-    SFT policy, 1 of 19 strict calls ended malformed that way."""
-    alphabet = set(PARSER_CONFIG.alphabet)
-    return frozenset(i for i, text, _ in data.regular_tokens if not set(text) <= alphabet)
+    """Tokens with a character that lm-format-enforcer's JSON parser accepts nowhere: outside its
+    alphabet (ASCII letters, digits, space and common punctuation), the backslash of an escape and
+    whitespace; 'é', '|' or a part of a character, say. Its shortcut inside a JSON string allows
+    them, but its parser then refuses the character and allows nothing more: with SmolLM2's SFT
+    policy, 1 of 19 strict calls ended malformed that way."""
+    accepted = set(PARSER_CONFIG.alphabet) | set(WHITESPACE_CHARACTERS) | {"\\"}
+    return frozenset(i for i, text, _ in data.regular_tokens if not set(text) <= accepted)
 
 
 def schema_key(schema: dict) -> str:
