@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from grpo.models import prefill
-from grpo.rollout import RowSampler
+from grpo.rollout import RowSampler, keep_only
 
 
 @dataclass
@@ -103,9 +103,7 @@ class ContinuousBatch:
         for i, r in enumerate(rows):
             allowed = r.allowed(r.tokens) if r.allowed is not None else None
             if allowed is not None:
-                keep = torch.full_like(scores[i], float("-inf"))
-                keep[allowed] = 0
-                scores[i] += keep
+                keep_only(scores[i], allowed)
         sampler = RowSampler([r.generator for r in rows], [r.temperature for r in rows], [r.top_p for r in rows])
         tokens = sampler(None, scores).argmax(-1)
         for r, t in zip(rows, tokens.tolist()):

@@ -208,10 +208,15 @@ class RowConstraints(LogitsProcessor):
         for i, constraint in enumerate(self.constraints):
             allowed = constraint(input_ids[i, self.start :].tolist()) if constraint is not None else None
             if allowed is not None:
-                keep = torch.full_like(scores[i], float("-inf"))
-                keep[allowed] = 0
-                scores[i] += keep
+                keep_only(scores[i], allowed)
         return scores
+
+
+def keep_only(scores: torch.Tensor, allowed: list[int]) -> None:
+    """Set one row's scores to -inf, in place, but at the ``allowed`` tokens."""
+    keep = torch.full_like(scores, float("-inf"))
+    keep[allowed] = 0
+    scores += keep
 
 
 def shared_prefix_cache(model, prompts: list[list[int]]):

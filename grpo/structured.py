@@ -125,7 +125,7 @@ PARSER_CONFIG = CharacterLevelParserConfig(force_json_field_order=True)
 
 def enforcer_for(tokenizer, parser) -> Callable[[list[int]], list[int]]:
     """The tokens lm-format-enforcer allows after a reply's tokens under ``parser``, whitespace-only
-    tokens and tokens with a character outside its alphabet left out."""
+    tokens and :func:`foreign_tokens` left out."""
     data = enforcer_data(tokenizer)
     enforcer = TokenEnforcer(data, parser)
     blank = blank_tokens(data) | foreign_tokens(data)

@@ -184,7 +184,7 @@ def call_tool(name: str, arguments: dict | str, allowed: list[str], backend: dic
 
 CALL_FORMAT = '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-CALL_PATTERN = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+CALL_PATTERN = re.compile(rf"{re.escape(CALL_OPEN)}(.*?)(?:{re.escape(CALL_CLOSE)}|$)", re.S)
 PARTIAL_CLOSES = [CALL_CLOSE[:k] for k in range(len(CALL_CLOSE) - 1, 1, -1)]  # "</tool_call", ..., "</"
 
 
