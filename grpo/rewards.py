@@ -1,8 +1,8 @@
 """Reward components, calibration and the composite reward.
 
 Every component scores a *group* of conversations for one scenario at once and returns one score in
-[0, 1] per conversation; a conversation is a list of chat messages and only its ``assistant``
-messages are scored. Keyword-style components count *distinct* phrases, so repeating a phrase does
+[0, 1] per conversation (``tool_use`` in [-1, 1]: a failed call scores below none); a conversation
+is a list of chat messages and only its ``assistant`` messages are scored. Keyword-style components count *distinct* phrases, so repeating a phrase does
 not pay, and ``professionalism`` penalises repetitive text directly.
 """
 
@@ -223,7 +223,10 @@ class Safety:
 class ToolUse:
     """Tool use against the scenario's backend. No tools declared: 1, or 0 if the agent calls one
     anyway. Tools declared: 0 without a call, else the share of calls that succeeded (a tool result
-    without an ``error``)."""
+    without an ``error``) less the share that failed, in [-1, 1]: a failed call (an order number the
+    agent made up, say) scores below no call, so GRPO prefers asking for the number, or another tool,
+    to guessing. (With failed calls at 0, as no call, 9 of the 13 held-out calls after SFT+GRPO
+    failed on 2026-12-07.)"""
 
     name = "tool_use"
 
@@ -235,7 +238,7 @@ class ToolUse:
                 out.append(0.0 if scenario.tools else 1.0)
                 continue
             ok = sum(1 for r in results if not _is_error(r))
-            out.append(ok / len(results) if scenario.tools else 0.0)
+            out.append((2 * ok - len(results)) / len(results) if scenario.tools else 0.0)
         return np.array(out, dtype=float)
 
 

@@ -12,9 +12,11 @@ SFT trains on exactly what GRPO samples from. For each scenario:
   the agent calls the tool in the documented format (grpo/tools.py), the tool's real result comes
   back from the scenario's backend, and the agent answers with what it returned;
 * otherwise, with an example response: the agent gives it (and the second one after the first
-  follow-up, where the scenario has both).
+  follow-up, where the scenario has both);
+* otherwise, when a tool needs an order or account number the opening does not give: the agent
+  asks for it (:func:`ask_for`), rather than calling with a number it made up.
 
-Scenarios that give neither are left out, and counted.
+Scenarios that give none of these are left out, and counted.
 """
 
 from __future__ import annotations
@@ -62,6 +64,20 @@ def call_for(scenario: Scenario) -> tuple[str, dict] | None:
     return None
 
 
+# What each tool that needs a number asks the user for, when the opening does not give it.
+NEEDS = {"check_order_status": "order number", "process_refund": "order number", "lookup_account": "account number"}
+
+
+def ask_for(scenario: Scenario) -> str | None:
+    """The agent's reply that asks for the number its scenario's tools need (the first such tool in
+    :data:`PREFERENCE` order); ``None`` if none of its tools needs one. Only for scenarios without a
+    call (:func:`call_for`): a call with a made-up number fails, and the user can give the real one."""
+    needed = [NEEDS[t] for t in PREFERENCE if t in scenario.tools and t in NEEDS]
+    if not needed:
+        return None
+    return f"I'm sorry for the trouble. Could you give me your {needed[0]} so I can look into it?"
+
+
 def answer_for(name: str, result: dict) -> str:
     """The agent's reply that uses a tool's result."""
     if "error" in result:
@@ -101,8 +117,10 @@ def say(env: ConversationEnvironment, t: Trajectory, text: str) -> None:
 
 def demonstration(env: ConversationEnvironment, scenario: Scenario) -> Trajectory | None:
     """The scenario's demonstration (see the module docstring), ``None`` if it gives none."""
-    call = call_for(scenario) if env.config.max_turns > 1 else None  # one turn: no room to use a result
-    if call is None and not scenario.example_responses:
+    given = call_for(scenario)
+    call = given if env.config.max_turns > 1 else None  # one turn: no room to use a result
+    ask = ask_for(scenario) if given is None else None
+    if call is None and not scenario.example_responses and ask is None:
         return None
     t = env.start(scenario, 0)
     if call is not None:
@@ -111,11 +129,13 @@ def demonstration(env: ConversationEnvironment, scenario: Scenario) -> Trajector
         env.add_context(t, "tool", result)
         t.tool_calls += 1
         say(env, t, answer_for(call[0], json.loads(result)))
-        return t
-    say(env, t, scenario.example_responses[0])
-    if len(scenario.example_responses) > 1 and scenario.followups and env.config.max_turns > 1:
-        env.add_context(t, "user", scenario.followups[0])
-        say(env, t, scenario.example_responses[1])
+    elif scenario.example_responses:
+        say(env, t, scenario.example_responses[0])
+        if len(scenario.example_responses) > 1 and scenario.followups and env.config.max_turns > 1:
+            env.add_context(t, "user", scenario.followups[0])
+            say(env, t, scenario.example_responses[1])
+    else:
+        say(env, t, ask)
     return t
 
 

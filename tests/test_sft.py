@@ -33,8 +33,8 @@ PLAIN = Scenario(
     followups=["And 9?"],
     example_responses=["A number with exactly two divisors.", "9 is not prime: 3 divides it."],
 )
-NOTHING = Scenario(  # its only tool needs an order id the opening does not give, and no example
-    id="nothing",
+MISSING = Scenario(  # its only tool needs an order id the opening does not give, and no example
+    id="missing",
     domain="customer_service",
     persona="p",
     goal="g",
@@ -42,6 +42,7 @@ NOTHING = Scenario(  # its only tool needs an order id the opening does not give
     tools=["check_order_status"],
     backend={"orders": {"1": {"status": "shipped"}}},
 )
+NOTHING = Scenario(id="nothing", domain="sales", persona="p", goal="g", opening="Hi.")  # no tools, no example
 
 
 def test_a_tool_demonstration_calls_with_the_conversations_id_and_uses_the_real_result(tokenizer):
@@ -61,8 +62,13 @@ def test_a_tool_demonstration_calls_with_the_conversations_id_and_uses_the_real_
 
 def test_example_responses_make_the_other_demonstrations_and_the_rest_are_left_out(tokenizer):
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2))
-    demos = demonstrations(env, [ORDER, NOTHING, PLAIN])
-    assert [d.scenario_id for d in demos] == ["late", "plain"]
+    demos = demonstrations(env, [ORDER, NOTHING, MISSING, PLAIN])
+    assert [d.scenario_id for d in demos] == ["late", "missing", "plain"]
+    # a tool needs a number the opening does not give: ask for it, no call with a made-up one
+    assert [m["role"] for m in demos[1].messages] == ["system", "user", "assistant"]
+    assert "order number" in demos[1].messages[2]["content"] and demos[1].tool_calls == 0
+    assert parse_call(demos[1].messages[2]["content"]) is None
+    demos = demos[::2]
     assert [m["content"] for m in demos[1].messages if m["role"] != "system"] == [
         "What is a prime?",
         "A number with exactly two divisors.",

@@ -68,7 +68,8 @@ def test_tool_use_reward_and_agent_turns_without_call_markup():
     ]
     bad = good[:2] + [{"role": "tool", "content": '{"error": "no order"}'}] + good[3:]
     none = [{"role": "user", "content": "o"}, {"role": "assistant", "content": "It shipped."}]
-    assert rewards.ToolUse()([good, bad, none], scen).tolist() == [1.0, 0.0, 0.0]
+    # a failed call scores below no call: guessing an order number is worse than asking for it
+    assert rewards.ToolUse()([good, bad, none, good[:3] + bad[1:]], scen).tolist() == [1.0, -1.0, 0.0, 0.0]
     bare = [{"role": "assistant", "content": '{"name": "check_order_status", "arguments": {}}'}] + good[2:]
     assert (
         rewards.agent_turns(good) == rewards.agent_turns(bare) == ["It shipped."]
