@@ -2,8 +2,9 @@
 
 Every component scores a *group* of conversations for one scenario at once and returns one score in
 [0, 1] per conversation (``tool_use`` in [-1, 1]: a failed call scores below none); a conversation
-is a list of chat messages and only its ``assistant`` messages are scored. Keyword-style components count *distinct* phrases, so repeating a phrase does
-not pay, and ``professionalism`` penalises repetitive text directly.
+is a list of chat messages and only its ``assistant`` messages are scored. Keyword-style components
+count *distinct* phrases, so repeating a phrase does not pay, and ``professionalism`` penalises
+repetitive text directly.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def test_example_responses_make_the_other_demonstrations_and_the_rest_are_left_o
     assert [m["role"] for m in demos[1].messages] == ["system", "user", "assistant"]
     assert "order number" in demos[1].messages[2]["content"] and demos[1].tool_calls == 0
     assert parse_call(demos[1].messages[2]["content"]) is None
-    demos = demos[::2]
+    demos = demos[::2]  # late and plain
     assert [m["content"] for m in demos[1].messages if m["role"] != "system"] == [
         "What is a prime?",
         "A number with exactly two divisors.",
