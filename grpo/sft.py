@@ -39,6 +39,13 @@ PREFERENCE = ("check_order_status", "lookup_account", "search_knowledge_base", "
 # A ticket's summary in a demonstration: with 8 words the longest call turn, end of turn included, is
 # 48 tokens (the first sentence whole made 11 of 58 calls longer than that).
 SUMMARY_WORDS = 8
+# Tools whose call needs a number: the backend table it is a key of, the argument that takes it,
+# and what the agent asks the user for when the opening does not give it.
+NUMBERED = {
+    "check_order_status": ("orders", "order_id", "order number"),
+    "process_refund": ("orders", "order_id", "order number"),
+    "lookup_account": ("accounts", "account_id", "account number"),
+}
 
 
 def call_for(scenario: Scenario) -> tuple[str, dict] | None:
@@ -46,14 +53,11 @@ def call_for(scenario: Scenario) -> tuple[str, dict] | None:
     whose arguments its opening gives; ``None`` if none does."""
     text = scenario.opening
     for name in sorted(scenario.tools, key=lambda t: PREFERENCE.index(t) if t in PREFERENCE else len(PREFERENCE)):
-        if name in ("check_order_status", "process_refund"):
-            named = [o for o in scenario.backend.get("orders", {}) if re.search(rf"\b{re.escape(o)}\b", text)]
+        if name in NUMBERED:
+            table, argument, _ = NUMBERED[name]
+            named = [k for k in scenario.backend.get(table, {}) if re.search(rf"\b{re.escape(k)}\b", text)]
             if named:
-                return name, {"order_id": named[0]}
-        elif name == "lookup_account":
-            named = [a for a in scenario.backend.get("accounts", {}) if re.search(rf"\b{re.escape(a)}\b", text)]
-            if named:
-                return name, {"account_id": named[0]}
+                return name, {argument: named[0]}
         elif name == "search_knowledge_base":
             words = [w for w in re.findall(r"[a-z0-9']+", text.lower()) if len(w) > 3]  # content words, roughly
             if words:
@@ -64,18 +68,14 @@ def call_for(scenario: Scenario) -> tuple[str, dict] | None:
     return None
 
 
-# What each tool that needs a number asks the user for, when the opening does not give it.
-NEEDS = {"check_order_status": "order number", "process_refund": "order number", "lookup_account": "account number"}
-
-
 def ask_for(scenario: Scenario) -> str | None:
     """The agent's reply that asks for the number its scenario's tools need (the first such tool in
     :data:`PREFERENCE` order); ``None`` if none of its tools needs one. Only for scenarios without a
     call (:func:`call_for`): a call with a made-up number fails, and the user can give the real one."""
-    needed = [NEEDS[t] for t in PREFERENCE if t in scenario.tools and t in NEEDS]
-    if not needed:
-        return None
-    return f"I'm sorry for the trouble. Could you give me your {needed[0]} so I can look into it?"
+    needed = next((NUMBERED[t][2] for t in PREFERENCE if t in scenario.tools and t in NUMBERED), None)
+    return (
+        None if needed is None else f"I'm sorry for the trouble. Could you give me your {needed} so I can look into it?"
+    )
 
 
 def answer_for(name: str, result: dict) -> str:
