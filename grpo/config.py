@@ -54,7 +54,8 @@ class RolloutConfig(Config):
     strict_tool_calls: bool = Field(
         True,
         description="a reply that begins like a tool call is decoded under the call's JSON schema (one of the "
-        "scenario's tools, its arguments), so a call cannot be malformed; whether to call stays the policy's choice",
+        "scenario's tools, its arguments), so a call cannot be malformed, and an order or account id in it must be "
+        "one the user wrote; whether to call stays the policy's choice",
     )
     share_prefix: bool = Field(
         True,

@@ -41,7 +41,7 @@ from grpo.config import RolloutConfig
 from grpo.models import prompt_cache
 from grpo.scenarios import Scenario
 from grpo.structured import call_constraint
-from grpo.tools import call_tool, parse_call, schemas, template_declares_tools
+from grpo.tools import call_tool, given_ids, grounded_schemas, parse_call, schemas, template_declares_tools
 
 log = logging.getLogger(__name__)
 
@@ -417,9 +417,12 @@ class ConversationEnvironment:
         def turn_seeds(rows: list[int], turn: int, speaker: int) -> list[int] | None:
             return None if seeds is None else [row_seed(seeds[i], turn, speaker) for i in rows]
 
-        @functools.cache  # one per tool set in this rollout: its enforcer keeps the prefixes it has seen
-        def strict_calls(tools: tuple[str, ...]):
-            return call_constraint(self.tok, schemas(list(tools))) if tools else None
+        @functools.cache  # one per tool set and ids in this rollout: its enforcer keeps the prefixes it has seen
+        def strict_calls(tools: tuple[str, ...], ids: tuple[str, ...]):
+            return call_constraint(self.tok, grounded_schemas(list(tools), ids)) if tools else None
+
+        def user_ids(t: Trajectory) -> tuple[str, ...]:
+            return given_ids("\n".join(m["content"] for m in t.messages if m["role"] == "user"))
 
         for turn in range(self.config.max_turns):
             active = [i for i in range(len(trajs)) if not done[i]]
@@ -428,7 +431,7 @@ class ConversationEnvironment:
             prompts = [trajs[i].input_ids for i in active]
             strict = None  # strict tool calls in a turn whose call would run
             if self.config.strict_tool_calls and turn + 1 < self.config.max_turns:
-                strict = [RowConstraints([strict_calls(tuple(scen[i].tools)) for i in active])]
+                strict = [RowConstraints([strict_calls(tuple(scen[i].tools), user_ids(trajs[i])) for i in active])]
             new = self.generate(
                 model, prompts, do_sample, None, turn_seeds(active, turn, 0), processors=strict, kept=kept, rows=active
             )

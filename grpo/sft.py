@@ -32,20 +32,15 @@ from grpo.config import SFTConfig
 from grpo.models import lora_config
 from grpo.rollout import ConversationEnvironment, Trajectory, encode
 from grpo.scenarios import Scenario
-from grpo.tools import call_text, call_tool
+from grpo.tools import TOOLS, call_text, call_tool, given_ids
 
 # The order in which a scenario's tools are tried for its demonstration: look before acting.
 PREFERENCE = ("check_order_status", "lookup_account", "search_knowledge_base", "create_ticket", "process_refund")
 # A ticket's summary in a demonstration: with 8 words the longest call turn, end of turn included, is
 # 48 tokens (the first sentence whole made 11 of 58 calls longer than that).
 SUMMARY_WORDS = 8
-# Tools whose call needs a number: the backend table it is a key of, the argument that takes it,
-# and what the agent asks the user for when the opening does not give it.
-NUMBERED = {
-    "check_order_status": ("orders", "order_id", "order number"),
-    "process_refund": ("orders", "order_id", "order number"),
-    "lookup_account": ("accounts", "account_id", "account number"),
-}
+# What the agent asks for when a tool's key (grpo/tools.py Tool.key) names a record of this table.
+ASK = {"orders": "order number", "accounts": "account number"}
 
 
 def call_for(scenario: Scenario) -> tuple[str, dict] | None:
@@ -53,11 +48,11 @@ def call_for(scenario: Scenario) -> tuple[str, dict] | None:
     whose arguments its opening gives; ``None`` if none does."""
     text = scenario.opening
     for name in sorted(scenario.tools, key=lambda t: PREFERENCE.index(t) if t in PREFERENCE else len(PREFERENCE)):
-        if name in NUMBERED:
-            table, argument, _ = NUMBERED[name]
-            named = [k for k in scenario.backend.get(table, {}) if re.search(rf"\b{re.escape(k)}\b", text)]
+        tool = TOOLS.get(name)
+        if tool is not None and tool.key:  # an id the user gave, as strict calls take it (grounded_schemas)
+            named = [k for k in given_ids(text) if k in scenario.backend.get(tool.table, {})]
             if named:
-                return name, {argument: named[0]}
+                return name, {tool.key: named[0]}
         elif name == "search_knowledge_base":
             words = [w for w in re.findall(r"[a-z0-9']+", text.lower()) if len(w) > 3]  # content words, roughly
             if words:
@@ -72,7 +67,7 @@ def ask_for(scenario: Scenario) -> str | None:
     """The agent's reply that asks for the number its scenario's tools need (the first such tool in
     :data:`PREFERENCE` order); ``None`` if none of its tools needs one. Only for scenarios without a
     call (:func:`call_for`): a call with a made-up number fails, and the user can give the real one."""
-    needed = next((NUMBERED[t][2] for t in PREFERENCE if t in scenario.tools and t in NUMBERED), None)
+    needed = next((ASK[TOOLS[t].table] for t in PREFERENCE if t in scenario.tools and TOOLS[t].key), None)
     return (
         None if needed is None else f"I'm sorry for the trouble. Could you give me your {needed} so I can look into it?"
     )

@@ -191,7 +191,10 @@ def call_constraint(tokenizer, functions: list[dict]) -> Callable[[list[int]], l
     with it) is held to a call of one of ``functions`` in the documented format (grpo/tools.py
     CALL_FORMAT), arguments their schema accepts, then eos, so it cannot be malformed or call an
     undeclared tool. Whether to call stays the model's choice: for any other reply, and before its
-    first token, it returns None (any token)."""
+    first token, it returns None (any token). With no ``functions``, a reply may not begin like a
+    call (:func:`no_call`)."""
+    if not functions:
+        return no_call(tokenizer)
     allowed = enforcer_for(
         tokenizer,
         _Sequence(
@@ -209,6 +212,27 @@ def call_constraint(tokenizer, functions: list[dict]) -> Callable[[list[int]], l
         ):
             return None
         return allowed(tokens)
+
+    return constraint
+
+
+def no_call(tokenizer) -> Callable[[list[int]], list[int] | None]:
+    """A reply may not begin like a call: while its text is a prefix of ``<tool_call>`` (the empty
+    one included), the tokens that would keep it one, or complete it, are not allowed."""
+    data = enforcer_data(tokenizer)
+
+    @functools.cache
+    def allowed(text: str) -> list[int]:
+        barred = {
+            i
+            for i, piece, _ in data.regular_tokens
+            if CALL_OPEN.startswith(text + piece) or (text + piece).startswith(CALL_OPEN)
+        }
+        return [i for i in range(data.vocab_size) if i not in barred]
+
+    def constraint(tokens: list[int]) -> list[int] | None:
+        text = tokenizer.decode(tokens)
+        return allowed(text) if CALL_OPEN.startswith(text) and tokenizer.eos_token_id not in tokens else None
 
     return constraint
 

@@ -330,8 +330,9 @@ def test_later_turns_prefill_only_what_the_conversation_added(tokenizer, tiny_mo
 @pytest.mark.parametrize("strict", [True, False])
 def test_strict_tool_calls_cannot_be_malformed(tokenizer, tiny_model, strict):
     """The tiny random model, pushed to write '<' (a bias on its logits), opens every reply with it.
-    With strict calls each first reply is then a call of one of the scenario's tools that parses and
-    runs; without, the '<'s are no call at all."""
+    With strict calls each first reply is then a call of one of the scenario's tools, with the order
+    number the user gave, that parses and runs; without, the '<'s are no call at all. When the user
+    gave no number, a strict reply cannot even begin like a call: both tools need one."""
     lt = tokenizer.convert_tokens_to_ids("<")
 
     def push(module, inputs, logits):
@@ -344,6 +345,8 @@ def test_strict_tool_calls_cannot_be_malformed(tokenizer, tiny_model, strict):
             tokenizer, RolloutConfig(max_turns=2, max_new_tokens=96, strict_tool_calls=strict)
         )
         trajectories = env.rollout(tiny_model, [ORDER], group_size=2, seeds=[1, 2])
+        unnumbered = ORDER.model_copy(update={"opening": "Where is my order?"})
+        asked = env.rollout(tiny_model, [unnumbered], group_size=2, seeds=[1, 2])
     finally:
         hook.remove()
     for t in trajectories:
@@ -351,9 +354,11 @@ def test_strict_tool_calls_cannot_be_malformed(tokenizer, tiny_model, strict):
         assert first.startswith("<")
         if strict:
             name, arguments = parse_call(first)
-            assert name in ORDER.tools and set(arguments) == {"order_id"}, first
+            assert name in ORDER.tools and arguments == {"order_id": "48213"}, first
             assert t.tool_calls == 1 and t.messages[3]["role"] == "tool"
-            assert "no order" in t.messages[3]["content"]  # it ran: only the made-up id was refused
-            assert t.tool_malformed == 0
+            assert t.tool_errors == 0 and t.tool_malformed == 0
         else:
             assert parse_call(first) is None and t.tool_calls == 0
+    for t in asked:
+        assert t.messages[2]["content"].startswith("<") is not strict
+        assert t.tool_calls == 0

@@ -139,3 +139,37 @@ def test_a_strict_call_always_parses_to_a_declared_tool(tokenizer):
     assert constraint(tokenizer.encode("Sure, <tool_call>", add_special_tokens=False)) is None
     call = tokenizer.encode('<tool_call>{"name": "create_ticket"', add_special_tokens=False)
     assert constraint(call) is not None and constraint(call + [tokenizer.eos_token_id]) is None
+
+
+def test_strict_calls_take_ids_only_from_the_user(tokenizer):
+    """grpo/tools.py grounded_schemas: a tool's key argument may only be an id the user gave, and a
+    tool that needs one is left out while the user has given none; with no tool left, no reply may
+    begin like a call (grpo/structured.py no_call), though any other reply may."""
+    import random
+
+    from grpo.structured import call_constraint
+    from grpo.tools import given_ids, grounded_schemas
+
+    said = "Order #48213 and account L-20931; I had 4,200 points and paid 59.90 in 2024."
+    assert given_ids(said) == ("48213", "L-20931", "2024")
+    declared = ["check_order_status", "lookup_account", "create_ticket"]
+    grounded = {f["function"]["name"]: f["function"]["parameters"] for f in grounded_schemas(declared, ("48213",))}
+    assert grounded["check_order_status"]["properties"]["order_id"]["enum"] == ["48213"]
+    assert grounded["create_ticket"] == TOOLS["create_ticket"].parameters
+    assert [f["function"]["name"] for f in grounded_schemas(declared, ())] == ["create_ticket"]
+    assert grounded_schemas(["check_order_status", "process_refund"], ()) == []
+
+    rng = random.Random(0)
+    constraint = call_constraint(tokenizer, grounded_schemas(["check_order_status"], ("48213",)))
+    for _ in range(4):
+        tokens = tokenizer.encode("<", add_special_tokens=False)
+        while tokens[-1] != tokenizer.eos_token_id:
+            tokens.append(rng.choice(constraint(tokens)))
+        assert parse_call(tokenizer.decode(tokens[:-1])) == ("check_order_status", {"order_id": "48213"})
+
+    barred = call_constraint(tokenizer, [])
+    first = set(barred([]))
+    for text in ("<", "<tool", "<tool_call>"):
+        assert tokenizer.encode(text, add_special_tokens=False)[0] not in first, text
+    assert {tokenizer.eos_token_id, *tokenizer.encode("Sure", add_special_tokens=False)} <= first
+    assert barred(tokenizer.encode("Sure, <tool_call>", add_special_tokens=False)) is None
