@@ -8,7 +8,7 @@ at the rollout's settings), timed whole, prefill included, as training sees it. 
 first turn as training rolls it out (B / G prompts, each G times), with `rollout.share_prefix` on
 and off, side by side.
 
-    .venv/bin/python bench/generate.py [--model data/models/base] [--batches 1 8 16 32] [--tokens 32]
+    .venv/bin/python bench/generate.py [--model data/models/base] [--batches 1 8 16 32] [--tokens 32] [--dtype auto]
 
 The last line gives the fractions of the roofline at batch 16 and 32 (issue 14's target: 0.7).
 """
@@ -23,7 +23,7 @@ import torch
 
 from grpo import scenarios
 from grpo.config import RolloutConfig
-from grpo.models import load_policy
+from grpo.models import load_policy, rollout_dtype
 from grpo.rollout import ConversationEnvironment
 
 
@@ -57,14 +57,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per row")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--group", type=int, default=4, help="rows sharing a prompt in the shared-prefix comparison")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the weights' dtype; auto: the rollouts' own (rollout.bf16 auto: bf16 where the CPU multiplies it natively)",
+    )
     args = ap.parse_args()
 
     model, tokenizer = load_policy(args.model, "cpu")
+    model.to(rollout_dtype("auto", model) if args.dtype == "auto" else getattr(torch, args.dtype))
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     flops, bandwidth = matmul_flops(next(model.parameters()).dtype), memory_bandwidth()
     print(
-        f"threads {torch.get_num_threads()}  matmul {flops / 1e9:.0f} GFLOP/s  memory {bandwidth / 1e9:.1f} GB/s  "
+        f"{next(model.parameters()).dtype}  threads {torch.get_num_threads()}  matmul {flops / 1e9:.0f} GFLOP/s  memory {bandwidth / 1e9:.1f} GB/s  "
         f"weights {weight_bytes / 1e6:.0f} MB ({params / 1e6:.0f}M parameters)"
     )
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_new_tokens=args.tokens))

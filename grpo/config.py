@@ -62,6 +62,12 @@ class RolloutConfig(Config):
         description="prefill a prompt that several rows share once (a group's first turn), not once per row, "
         "and keep each episode's KV cache for its next turn (TurnCache)",
     )
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="generate with bf16 weights (label's and evaluate's policies loaded in bf16; train_policy "
+        "samples from a bf16 copy of the policy with its adapters merged, native backend); auto: where the "
+        "device multiplies bf16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX)",
+    )
 
 
 class SFTConfig(Config):
@@ -117,6 +123,14 @@ class GRPOConfig(Config):
         "adapters and optimiser stay as loaded); auto: where the device multiplies bf16 natively (a CUDA GPU "
         "that supports it, a CPU with AVX512-BF16 or AMX)",
     )
+    sampler_is: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = Field(
+        "sequence_mask",
+        description="native: how the loss corrects for a sampler whose numerics differ from the update's (a bf16 "
+        "rollout copy, rollout.bf16), with the ratio of the update's to the sampler's log-probs; TRL's "
+        "vllm_importance_sampling_mode and default. none: no correction",
+    )
+    sampler_is_max: float | None = Field(3.0, gt=0, description="the ratio's upper bound (TRL's clip_max)")
+    sampler_is_min: float | None = Field(None, ge=0, description="the ratio's lower bound (TRL's clip_min)")
     turn_credit: bool = Field(False, description="each agent turn's tokens get their own discounted return")
     turn_gamma: float = Field(0.9, ge=0, le=1, description="discount of later turns' contributions (turn_credit)")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)

@@ -105,6 +105,39 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def rollout_dtype(setting: bool | str, model) -> torch.dtype:
+    """The dtype ``model`` generates in under ``rollout.bf16`` (``auto``: :func:`bf16_native` on its device)."""
+    return torch.bfloat16 if use_bf16(setting, next(model.parameters()).device) else next(model.parameters()).dtype
+
+
+class MergedSampler:
+    """A copy of a LoRA policy with its adapters merged into bf16 weights, to sample rollouts from;
+    :meth:`sync` merges the adapters' current weights again after an update.
+
+    peft's LoRA forward adds two small matmuls per layer, and bf16 autocast casts the fp32 weights
+    at every call, so generating from the training model gains little from bf16: on this project's
+    2-core AVX512-BF16 CPU, 92 against 101 tokens/s at batch 16, while a plain bf16 model makes
+    about 165 (bench/README.md). Like TRL's vLLM colocate mode, the sampler's log-probs then differ
+    a little from the update's; the trainer corrects for that (grpo/objective.py ``sampler_ratio``)."""
+
+    def __init__(self, policy, dtype: torch.dtype = torch.bfloat16):
+        from peft.tuners.lora import LoraLayer
+
+        self.model = copy.deepcopy(policy).merge_and_unload().to(dtype).eval()
+        prefix = "base_model.model."  # a PeftModel's modules are the base model's under this prefix
+        self.pairs = [
+            (layer, self.model.get_submodule(name.removeprefix(prefix)))
+            for name, layer in policy.named_modules()
+            if isinstance(layer, LoraLayer)
+        ]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        for layer, target in self.pairs:
+            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+            target.weight.copy_(layer.get_base_layer().weight + delta)
+
+
 def prompt_cache(model, prompts: list[list[int]], index: list[int], device: torch.device):
     """The KV cache of each distinct prompt of ``prompts``, forwarded once (left-padded, positions
     counted over its own tokens), copied to the rows that have it: row i has ``prompts[index[i]]``.

@@ -13,6 +13,8 @@ both importance-sampling levels, with and without the KL and its bias correction
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -209,6 +211,7 @@ def per_token_loss(
     mask=None,
     level: str = "token",
     bias_correction_kl: bool = True,
+    sampler_weight: torch.Tensor | None = None,
 ):
     """Per-token clipped-surrogate loss plus ``beta`` * KL (k3, times the ratio with
     ``bias_correction_kl``); also returns the per-token KL and the clip masks.
@@ -216,7 +219,9 @@ def per_token_loss(
 
     ``level="sequence"`` is GSPO: one importance ratio per sequence,
     exp(mean over its masked tokens of (logp - old_logp)), clipped as a whole and shared by
-    every token of the sequence (needs ``mask``)."""
+    every token of the sequence (needs ``mask``).
+
+    ``sampler_weight`` (:func:`sampler_ratio`) multiplies the clipped-surrogate term, not the KL."""
     log_ratio = logp - old_logp
     if level == "sequence":
         m = mask.to(logp.dtype)
@@ -228,6 +233,8 @@ def per_token_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
     loss = -torch.min(unclipped, clipped)
+    if sampler_weight is not None:
+        loss = loss * sampler_weight
     kl = None
     if beta > 0 and ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
@@ -237,6 +244,26 @@ def per_token_loss(
     clip_low = (ratio < 1 - epsilon) & (adv < 0)
     clip_high = (ratio > 1 + epsilon_high) & (adv > 0)
     return loss, kl, clip_low, clip_high
+
+
+def sampler_ratio(
+    logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str, low: float | None, high: float | None
+) -> torch.Tensor | None:
+    """TRL's correction for a sampler whose numerics are not the trained model's (its vLLM importance
+    sampling, grpo_trainer.py): the ratio of the (old) policy's probability of each sampled token to
+    the sampler's, per token (B, T) or, for ``sequence_*`` modes, per sequence (B, 1) as the exp of
+    the sum of its tokens' log differences; ``*_truncate`` clips it to [``low``, ``high``],
+    ``*_mask`` sets it to 0 outside. None for mode ``none``."""
+    if mode == "none":
+        return None
+    diff = (logp - sampler_logp) * mask
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = diff.exp()
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=low, max=high) if low is not None or high is not None else ratio
+    outside = (ratio < (low if low is not None else -math.inf)) | (ratio > (high if high is not None else math.inf))
+    return ratio.masked_fill(outside, 0.0)
 
 
 def aggregate(

@@ -64,6 +64,7 @@ class Trajectory:
     tool_calls: int = 0
     tool_errors: int = 0  # calls that failed, of them
     tool_malformed: int = 0  # calls that were not a well-formed call, of those
+    sampled_logps: list[float] | None = None  # the sampler's log-prob of each sampled token, 0 elsewhere (logprobs)
 
     def agent_runs(self) -> list[list[int]]:
         """The token ids of each agent turn: the runs of masked tokens, in order."""
@@ -79,8 +80,10 @@ class Trajectory:
         return runs
 
     def check(self) -> None:
-        if len(self.input_ids) != len(self.assistant_mask):
-            raise ValueError(f"trajectory {self.scenario_id}: ids and mask differ in length")
+        if len(self.input_ids) != len(self.assistant_mask) or len(self.sampled_logps or self.input_ids) != len(
+            self.input_ids
+        ):
+            raise ValueError(f"trajectory {self.scenario_id}: ids, mask and log-probs differ in length")
         if not any(self.assistant_mask):
             raise ValueError(f"trajectory {self.scenario_id}: assistant mask is all zeros")
 
@@ -191,6 +194,30 @@ class RowSampler(LogitsProcessor):
             ]
         )
         return scores - noise.log().to(scores.device)
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Each row's log-probability of the tokens it samples under softmax(logits / ``temperature``),
+    before constraints or top-p: the distribution the update scores them under. It goes first in
+    the list; each call takes the token the last one led to (``input_ids[:, -1]``), and
+    :meth:`finish` the last token. transformers' generate can return every step's scores, but over
+    the whole 49,152-token vocabulary, and after the processors."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: torch.Tensor | None = None
+        self.taken: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.taken.append(self.last.gather(1, input_ids[:, -1:]))
+        self.last = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> list[list[float]]:
+        """Each row's log-probs of its new tokens, given generate's output ``sequences``."""
+        taken = [*self.taken, self.last.gather(1, sequences[:, -1:])] if self.last is not None else []
+        return torch.cat(taken, 1).tolist() if taken else [[] for _ in sequences]
 
 
 class RowConstraints(LogitsProcessor):
@@ -320,13 +347,15 @@ class ConversationEnvironment:
         streamer=None,
         kept: TurnCache | None = None,
         rows: list[int] | None = None,
-    ) -> list[list[int]]:
+        logprobs: bool = False,
+    ):
         """One batched generate call; returns each row's new tokens up to and including eos. With
         ``seeds`` (and ``do_sample``), each row samples from its own stream (:class:`RowSampler`).
         ``processors`` (logits processors, e.g. grpo/structured.py's) apply before sampling;
         ``streamer`` (a transformers ``BaseStreamer``) is handed each step's tokens as they are sampled.
         ``kept`` (with ``share_prefix``), a rollout's :class:`TurnCache` of the conversations ``rows``:
-        the call continues it where the prompts continue it, and leaves its own cache in it."""
+        the call continues it where the prompts continue it, and leaves its own cache in it.
+        With ``logprobs``, returns ``(replies, each reply's sampled log-probs)`` (:class:`SampledLogprobs`)."""
         device = next(model.parameters()).device
         pad = self.tok.pad_token_id
         kept = kept if self.config.share_prefix else None
@@ -339,7 +368,11 @@ class ConversationEnvironment:
                 ids[i, width - len(p) :] = torch.tensor(p)
                 attn[i, width - len(p) :] = 1
         per_row = do_sample and seeds is not None
-        sampling = {"do_sample": do_sample and not per_row, "logits_processor": LogitsProcessorList(processors or [])}
+        recorder = SampledLogprobs(self.config.temperature) if logprobs else None
+        sampling = {
+            "do_sample": do_sample and not per_row,
+            "logits_processor": LogitsProcessorList([recorder] * logprobs + (processors or [])),
+        }
         if per_row:
             sampler = RowSampler(seeds, self.config.temperature, self.config.top_p)
             sampling["logits_processor"].append(sampler)
@@ -367,6 +400,8 @@ class ConversationEnvironment:
         ]
         if kept is not None:
             kept.keep(rows, out.sequences, attn, replies, out.past_key_values)
+        if recorder is not None:
+            return replies, [lp[: len(r)] for lp, r in zip(recorder.finish(out.sequences), replies)]
         return replies
 
     def decode(self, toks: list[int]) -> str:
@@ -376,6 +411,8 @@ class ConversationEnvironment:
         delta = encode(self.tok, user_turn_text(self.tok, content, role))
         t.input_ids += delta
         t.assistant_mask += [0] * len(delta)
+        if t.sampled_logps is not None:
+            t.sampled_logps += [0.0] * len(delta)
         t.messages.append({"role": role, "content": content})
 
     def llm_user_replies(
@@ -398,14 +435,19 @@ class ConversationEnvironment:
         do_sample: bool = True,
         user_model=None,
         seeds: list[int] | None = None,
+        logprobs: bool = False,
     ) -> list[Trajectory]:
         """``group_size`` episodes per scenario; trajectory ``i`` belongs to group ``i // group_size``.
         ``user_model`` plays the LLM user (default: ``model``, with its adapter disabled if it has one).
         ``seeds``, one per trajectory, give each episode its own random streams (one per turn and
-        speaker), independent of the batch."""
+        speaker), independent of the batch. With ``logprobs``, each trajectory keeps the sampler's
+        log-prob of every token it sampled (``sampled_logps``)."""
         was_training = model.training
         model.eval()
         trajs = [self.start(s, g) for g, s in enumerate(scenarios) for _ in range(group_size)]
+        if logprobs:
+            for t in trajs:
+                t.sampled_logps = [0.0] * len(t.input_ids)
         scen = [s for s in scenarios for _ in range(group_size)]
         backends = [copy.deepcopy(s.backend) for s in scen]  # tool calls write to the episode's copy
         replies = [0] * len(trajs)  # user messages given after the opening
@@ -433,19 +475,32 @@ class ConversationEnvironment:
             if self.config.strict_tool_calls and turn + 1 < self.config.max_turns:
                 strict = [RowConstraints([strict_calls(tuple(scen[i].tools), user_ids(trajs[i])) for i in active])]
             new = self.generate(
-                model, prompts, do_sample, None, turn_seeds(active, turn, 0), processors=strict, kept=kept, rows=active
+                model,
+                prompts,
+                do_sample,
+                None,
+                turn_seeds(active, turn, 0),
+                processors=strict,
+                kept=kept,
+                rows=active,
+                logprobs=logprobs,
             )
+            new, lps = new if logprobs else (new, [None] * len(new))
             waiting = []  # trajectories whose agent turn ended without a tool call: the user speaks
-            for i, toks in zip(active, new):
+            for i, toks, lp in zip(active, new, lps):
                 t = trajs[i]
                 generated += len(toks)
                 t.input_ids += toks
                 t.assistant_mask += [1] * len(toks)
+                if lp is not None:
+                    t.sampled_logps += lp
                 t.turns += 1
                 if not toks or toks[-1] != eos:  # cut at max_new_tokens: close the turn as context
                     t.truncated_turns += 1
                     t.input_ids.append(eos)
                     t.assistant_mask.append(0)
+                    if lp is not None:
+                        t.sampled_logps.append(0.0)
                 text = self.decode(toks)
                 t.messages.append({"role": "assistant", "content": text})
                 if turn + 1 == self.config.max_turns:
@@ -516,11 +571,12 @@ class RolloutJob:
 
 def run_job(job: RolloutJob) -> tuple[list[Trajectory], dict]:
     """``(trajectories, generation stats)`` of one :class:`RolloutJob`; groups are numbered within the job."""
-    from grpo.models import load_policy
+    from grpo.models import load_policy, rollout_dtype
 
     if job.threads:
         torch.set_num_threads(job.threads)
     model, tokenizer = load_policy(job.policy, job.device)
+    model.to(rollout_dtype(job.config.bf16, model))
     user = load_policy(job.user_model, job.device)[0] if job.user_model and job.config.user == "llm" else None
     torch.manual_seed(job.seed)
     env = ConversationEnvironment(tokenizer, job.config)

@@ -36,8 +36,16 @@ from transformers import get_scheduler
 
 from grpo import checkpoint, distributed
 from grpo.config import GRPOConfig
-from grpo.models import autocast, lora_config, use_bf16
-from grpo.objective import aggregate, group_advantages, per_token_loss, token_logprobs, turn_advantages, turn_returns
+from grpo.models import MergedSampler, autocast, lora_config, rollout_dtype, use_bf16
+from grpo.objective import (
+    aggregate,
+    group_advantages,
+    per_token_loss,
+    sampler_ratio,
+    token_logprobs,
+    turn_advantages,
+    turn_returns,
+)
 from grpo.rollout import ConversationEnvironment, Trajectory, row_seed
 from grpo.scenarios import Scenario
 
@@ -64,6 +72,7 @@ class MicroBatch:
     advantages: torch.Tensor  # (B,) one per sequence, or (B, T - start) one per token (turn_credit)
     old_logp: torch.Tensor | None  # the sampling policy's; None with num_iterations 1 (logp.detach() is exact)
     ref_logp: torch.Tensor | None  # the base's (adapter disabled); None with beta 0
+    sampler_logp: torch.Tensor | None  # the sampler's, where it is not the trained model (MergedSampler)
     prompt_lens: list[int] | None  # each row's tokens before its first sampled one (share_prefix)
 
 
@@ -135,18 +144,30 @@ def token_advantages(
 
 
 def sample(
-    model, scenarios: list[Scenario], order: list[int], env: ConversationEnvironment, cfg: GRPOConfig, step: int
+    model,
+    scenarios: list[Scenario],
+    order: list[int],
+    env: ConversationEnvironment,
+    cfg: GRPOConfig,
+    step: int,
+    sampler: MergedSampler | None = None,
 ):
     """The step's scenarios, taken from the seeded cycling ``order`` (consumed in place, refilled
     with a fresh shuffle when short; the same on every rank); this rank's share of them, each
     rolled out ``group_size`` times, every episode from its own stream seeded by (seed, step, group,
-    member). Returns ``(this rank's scenarios, their trajectories, generation stats)``."""
+    member). With ``sampler``, its merged copy of ``model`` generates, and the trajectories keep its
+    log-probs. Returns ``(this rank's scenarios, their trajectories, generation stats)``."""
     if len(order) < cfg.scenarios_per_step:
         order += random.sample(range(len(scenarios)), len(scenarios))
     batch = [scenarios[order.pop(0)] for _ in range(cfg.scenarios_per_step)]
     groups = distributed.shard(list(range(len(batch))))
     seeds = [row_seed(cfg.seed, step, g, j) for g in groups for j in range(cfg.group_size)]
-    trajs = env.rollout(model, [batch[g] for g in groups], cfg.group_size, seeds=seeds)
+    scens = [batch[g] for g in groups]
+    if sampler is None:
+        trajs = env.rollout(model, scens, cfg.group_size, seeds=seeds)
+    else:  # an LLM user is the base: the policy with its adapter disabled, not the merged copy
+        sampler.sync()
+        trajs = env.rollout(sampler.model, scens, cfg.group_size, user_model=model, seeds=seeds, logprobs=True)
     return [batch[g] for g in groups], trajs, dict(env.stats)
 
 
@@ -228,6 +249,12 @@ def micro_batches(
     for i in range(0, len(trajs), cfg.micro_batch_size):
         part = trajs[i : i + cfg.micro_batch_size]
         ids, attn, mask, start = pad_batch(part, pad_id, device)
+        sampler_logp = None
+        if part[0].sampled_logps is not None:
+            sampler_logp = torch.zeros(ids.shape, dtype=torch.float32)
+            for k, t in enumerate(part):
+                sampler_logp[k, : len(t.sampled_logps)] = torch.tensor(t.sampled_logps)
+            sampler_logp = sampler_logp[:, start:].to(device)
         if per_turn is not None:
             a = token_advantages(part, per_turn[i : i + cfg.micro_batch_size], ids.shape[1], start, device)
         else:
@@ -240,7 +267,7 @@ def micro_batches(
             if cfg.beta > 0:
                 with model.disable_adapter():
                     ref = logprobs()
-        out.append(MicroBatch(ids, attn, mask, start, a, old, ref, prompts))
+        out.append(MicroBatch(ids, attn, mask, start, a, old, ref, sampler_logp, prompts))
     return out
 
 
@@ -264,6 +291,10 @@ def update(
     ``(stats over all ranks, last grad norm, updates skipped)``."""
     ddp = isinstance(model, DistributedDataParallel)
     stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
+    if micro[0].sampler_logp is not None:  # how far the sampler is from the update, and the correction
+        stats["sampler_logp_diff"] = 0.0
+        if cfg.sampler_is != "none":
+            stats["sampler_ratio"] = 0.0
     skipped = 0
     for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
@@ -313,6 +344,15 @@ def micro_loss(
         if lp is not None:
             check_finite(lp.detach()[m], what, step + 1)
     old_logp = mb.old_logp if mb.old_logp is not None else logp.detach()
+    weight = None
+    if mb.sampler_logp is not None:
+        weight = sampler_ratio(
+            old_logp, mb.sampler_logp, mb.mask, cfg.sampler_is, cfg.sampler_is_min, cfg.sampler_is_max
+        )
+        if it == 0:
+            stats["sampler_logp_diff"] += (old_logp - mb.sampler_logp)[m].abs().sum().item() / n_tokens
+            if weight is not None:
+                stats["sampler_ratio"] += weight.expand_as(logp)[m].sum().item() / n_tokens
     loss_tok, kl, lo, hi = per_token_loss(
         logp,
         old_logp,
@@ -324,6 +364,7 @@ def micro_loss(
         mb.mask,
         cfg.importance_sampling_level,
         cfg.use_bias_correction_kl,
+        weight,
     )
     loss = aggregate(loss_tok, mb.mask, cfg.loss_type, n_seqs, n_tokens, max_len, n_micro)
     check_finite(loss.detach(), "loss", step + 1)
@@ -454,11 +495,14 @@ def train(
             first, state = resumed
             order, history, skipped = state["order"], state["history"], state["skipped"]
             scheduler.load_state_dict(state["scheduler"])
+    # rollout.bf16 where the policy is not in bf16 already: rollouts from a merged bf16 copy
+    dtype = rollout_dtype(env.config.bf16, model)
+    sampler = MergedSampler(model, dtype) if dtype != next(model.parameters()).dtype else None
     bar = tqdm(range(first, cfg.steps), desc="GRPO", unit="step", initial=first, total=cfg.steps, disable=not main)
     for step in bar:
         t0 = time.perf_counter()
         # 1. sample: this rank's share of the step's scenarios, group_size episodes each
-        batch, trajs, gen_stats = sample(model, scenarios, order, env, cfg, step)
+        batch, trajs, gen_stats = sample(model, scenarios, order, env, cfg, step, sampler)
         # 2. score each group; gather every rank's scores
         totals, comps = score(trajs, batch, reward_fn, cfg)
         returns = turn_credit_returns(trajs, batch, totals, reward_fn, cfg) if cfg.turn_credit else None

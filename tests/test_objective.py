@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from grpo.objective import aggregate, group_advantages, k3_kl, per_token_loss, turn_advantages, turn_returns
+from grpo.objective import (
+    aggregate,
+    group_advantages,
+    k3_kl,
+    per_token_loss,
+    sampler_ratio,
+    turn_advantages,
+    turn_returns,
+)
 
 
 def test_group_advantages_hand_computed():
@@ -96,9 +104,12 @@ class StubTRL:
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta,bias_correction", [(0.0, True), (0.1, True), (0.1, False)])
-def test_loss_and_gradient_equal_trls_own_compute_loss(loss_type, level, beta, bias_correction):
+@pytest.mark.parametrize("sampler", [False, True])
+def test_loss_and_gradient_equal_trls_own_compute_loss(loss_type, level, beta, bias_correction, sampler):
     """Two micro-batches (TRL: two accumulation steps) of the same tensors through TRL's function
-    and ours: the losses and the gradients with respect to the log-probs match."""
+    and ours: the losses and the gradients with respect to the log-probs match. With ``sampler``,
+    the tokens came from a sampler that is not the trained model (TRL: vLLM), and the correction
+    weights the loss as TRL's does."""
     from trl import GRPOTrainer
 
     torch.manual_seed(0)
@@ -111,9 +122,21 @@ def test_loss_and_gradient_equal_trls_own_compute_loss(loss_type, level, beta, b
     mask[:, 0] = 1
     n_tokens = int(mask.sum())
     ours = theirs = 0.0
+    sampled = old + 0.4 * torch.randn(2 * B, T)
     for part in (slice(0, B), slice(B, 2 * B)):
+        weight = sampler_ratio(old[part], sampled[part], mask[part], "sequence_mask", None, 3.0) if sampler else None
         loss_tok, *_ = per_token_loss(
-            logp_all[part], old[part], adv[part], 0.2, 0.28, ref[part], beta, mask[part], level, bias_correction
+            logp_all[part],
+            old[part],
+            adv[part],
+            0.2,
+            0.28,
+            ref[part],
+            beta,
+            mask[part],
+            level,
+            bias_correction,
+            weight,
         )
         ours = ours + aggregate(loss_tok, mask[part], loss_type, 2 * B, n_tokens, max_len, n_micro=2)
         stub = StubTRL(logp_all[part], loss_type, level, beta, bias_correction, 2, max_len)
@@ -127,11 +150,37 @@ def test_loss_and_gradient_equal_trls_own_compute_loss(loss_type, level, beta, b
             "ref_per_token_logps": ref[part],
             "num_items_in_batch": torch.tensor(float(n_tokens)),
         }
+        if sampler:
+            stub.use_vllm = stub.vllm_importance_sampling_correction = True
+            inputs["importance_sampling_ratio"] = weight
         theirs = theirs + GRPOTrainer._compute_loss(stub, None, inputs)
     (grad_ours,) = torch.autograd.grad(ours, logp_all, retain_graph=True)
     (grad_theirs,) = torch.autograd.grad(theirs, logp_all)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-7)
     assert torch.allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_sampler_ratio_modes_match_trls_formulas():
+    """TRL's vLLM correction modes on hand-computed numbers: the ratio of the policy's to the
+    sampler's probability, per token or per sequence (the exp of the sum), clipped or masked."""
+    logp = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, -5.0]])
+    sampled = torch.tensor([[-1.5, -1.0, -1.0], [-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the last column is padding: its difference never counts
+    e = math.e
+    token = sampler_ratio(logp, sampled, mask, "token_truncate", None, None)
+    assert torch.allclose(token, torch.tensor([[e**0.5, e**-1, 1.0], [e, 1.0, 1.0]]))
+    assert torch.allclose(
+        sampler_ratio(logp, sampled, mask, "token_truncate", 0.5, 2.0), torch.tensor([[e**0.5, 0.5, 1], [2, 1, 1]])
+    )
+    assert torch.allclose(
+        sampler_ratio(logp, sampled, mask, "token_mask", 0.5, 2.0), torch.tensor([[e**0.5, 0, 1], [0, 1, 1]])
+    )
+    seq = sampler_ratio(logp, sampled, mask, "sequence_truncate", None, 2.0)
+    assert seq.shape == (2, 1) and torch.allclose(seq, torch.tensor([[e**-0.5], [2.0]]))
+    assert torch.allclose(
+        sampler_ratio(logp, sampled, mask, "sequence_mask", None, 2.0), torch.tensor([[e**-0.5], [0]])
+    )
+    assert sampler_ratio(logp, sampled, mask, "none", None, 3.0) is None
 
 
 def test_log_probs_are_the_sampling_distributions_at_the_temperature(tiny_model):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from grpo.config import RolloutConfig
+from grpo.objective import token_logprobs
 from grpo.rollout import ConversationEnvironment, Trajectory, encode, render, user_prompt, user_turn_text
 from grpo.scenarios import Scenario
 from grpo.tools import parse_call, schemas, template_declares_tools, training_form
@@ -362,3 +363,19 @@ def test_strict_tool_calls_cannot_be_malformed(tokenizer, tiny_model, strict):
     for t in asked:
         assert t.messages[2]["content"].startswith("<") is not strict
         assert t.tool_calls == 0
+
+
+def test_sampled_logprobs_are_the_samplers_own(tokenizer, tiny_model):
+    """rollout(logprobs=True) keeps each sampled token's log-prob at the sampling temperature: the
+    same as a fresh forward of the whole conversation, through the user turn, the left padding and
+    the KV cache kept from one turn to the next. Tokens the agent did not sample get 0."""
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=6, temperature=0.7))
+    trajs = env.rollout(tiny_model, SCEN, group_size=2, seeds=[1, 2, 3, 4], logprobs=True)
+    assert max(t.turns for t in trajs) == 2
+    for t in trajs:
+        ids = torch.tensor([t.input_ids])
+        fresh = token_logprobs(tiny_model, ids, torch.ones_like(ids), 1, temperature=0.7)[0]
+        sampled = torch.tensor(t.assistant_mask[1:]).bool()
+        kept = torch.tensor(t.sampled_logps[1:])
+        assert torch.allclose(kept[sampled], fresh[sampled], atol=1e-4)
+        assert (kept[~sampled] == 0).all() and (kept[sampled] < 0).all()

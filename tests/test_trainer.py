@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from grpo.config import GRPOConfig, RolloutConfig
-from grpo.models import tiny_causal_lm
+from grpo.models import MergedSampler, tiny_causal_lm
 from grpo.objective import token_logprobs
 from grpo.rollout import ConversationEnvironment
 from grpo.scenarios import Scenario
@@ -66,13 +66,49 @@ def test_the_update_runs_in_bf16_autocast_only_when_asked(tokenizer, bf16):
     model.model.layers[0].mlp.down_proj.register_forward_hook(
         lambda m, i, o: seen["update" if m.training else "rollout"].add(o.dtype)
     )
-    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4))
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=4, bf16=False))
     cfg = GRPOConfig(steps=1, scenarios_per_step=2, group_size=2, beta=0.1, lora_r=4, bf16=bf16)
     peft, history = train(model, tokenizer, SCEN, last_reply_length, env, cfg)
     assert seen["rollout"] == {torch.float32}
     assert seen["update"] == {torch.bfloat16 if bf16 else torch.float32}
     assert np.isfinite(history[0]["loss"]) and history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert {p.dtype for n, p in peft.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+def test_the_merged_sampler_follows_the_adapters_and_leaves_the_policy_alone(tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    x = torch.tensor([[1, 5, 9, 14, 2]])
+    base = model(x).logits.detach()
+    peft = add_lora(model, GRPOConfig(lora_r=4))
+    sampler = MergedSampler(peft, torch.float32)
+    for n, p in peft.named_parameters():  # an update moves the adapter
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    trained = peft(x).logits.detach()
+    assert torch.allclose(sampler.model(x).logits, base, atol=1e-5)  # merged before the update
+    sampler.sync()
+    assert torch.allclose(sampler.model(x).logits, trained, atol=1e-5)
+    with peft.disable_adapter():
+        assert torch.equal(peft(x).logits, base)  # the policy's own weights are untouched
+    assert MergedSampler(peft).model.dtype == torch.bfloat16
+
+
+def test_bf16_rollouts_come_from_the_merged_copy_and_the_loss_corrects_for_it(tokenizer):
+    """rollout.bf16: episodes are sampled by a bf16 copy of the policy with its adapters merged
+    (re-merged at each step); the update stays as configured (fp32 here) and logs how far the
+    sampler's log-probs are from its own and the mean correction weight."""
+    model = tiny_causal_lm(tokenizer)
+    seen = {"rollout": set(), "update": set()}  # the hook is copied with the model into the sampler
+    model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: seen["update" if m.training else "rollout"].add(o.dtype)
+    )
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=4, bf16=True))
+    cfg = GRPOConfig(steps=2, scenarios_per_step=2, group_size=2, beta=0.1, lora_r=4, bf16=False, learning_rate=0.05)
+    peft, history = train(model, tokenizer, SCEN, last_reply_length, env, cfg)
+    assert seen == {"rollout": {torch.bfloat16}, "update": {torch.float32}}
+    for row in history:
+        assert 0 < row["sampler_logp_diff"] < 1 and row["sampler_ratio"] > 0 and np.isfinite(row["loss"])
+    assert {p.dtype for p in peft.parameters()} == {torch.float32}
 
 
 def test_training_runs_and_only_the_adapter_changes(tokenizer, tiny_model):
@@ -218,7 +254,8 @@ def test_grpo_learns_a_trivially_learnable_reward(tokenizer):
     a large initializer range, so its logits are not nearly uniform and a LoRA can move them."""
 
     model = tiny_causal_lm(tokenizer, seed=3, initializer_range=0.5)
-    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=8))
+    # fp32 rollouts on every machine (rollout.bf16 auto would pick bf16 on some: another random stream)
+    env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=1, max_new_tokens=8, bf16=False))
     scen = [
         Scenario(id=f"t{i}", domain="sales", persona="p", goal="g", opening=f"Say something {i}.") for i in range(4)
     ]
@@ -301,7 +338,8 @@ def test_trl_backend_runs_our_multi_turn_episodes_and_logs_the_native_metric_nam
 
     native_cfg = GRPOConfig(steps=1, scenarios_per_step=2, group_size=2, lora_r=2)
     _, native_rows = train(tiny_causal_lm(tokenizer), tokenizer, SCEN, reward, env, native_cfg)
-    assert set(rows[0]) == names == set(native_rows[0]) - {"skipped_steps"}
+    # the native backend's own: skipped updates, and the bf16 sampler's figures where rollout.bf16 is on
+    assert set(rows[0]) == names == set(native_rows[0]) - {"skipped_steps", "sampler_logp_diff", "sampler_ratio"}
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft.named_parameters())
 
 
