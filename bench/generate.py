@@ -65,8 +65,8 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    model, tokenizer = load_policy(args.model, "cpu")
-    model.to(rollout_dtype("auto", model) if args.dtype == "auto" else getattr(torch, args.dtype))
+    dtype = rollout_dtype("auto", torch.device("cpu")) if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = load_policy(args.model, "cpu", dtype)
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     flops, bandwidth = matmul_flops(next(model.parameters()).dtype), memory_bandwidth()

@@ -10,9 +10,11 @@ cheap reward (the last reply's length), so the figures are generation and update
   params.yaml's episodes (``rollout.max_turns`` agent turns with the scripted user in between).
 
 Each run is its own process, so its peak RSS (``ru_maxrss``) is its own. Runs alternate, native
-then TRL, ``--repeats`` times; each run's first step is left out as warm-up.
+then TRL, ``--repeats`` times; each run's first step is left out as warm-up. ``--fp32-rollouts``
+adds native runs with ``rollout.bf16: false`` beside them (where ``auto`` picks bf16 rollouts, this
+measures what they bring).
 
-    .venv/bin/python bench/grpo_step.py --steps 3 --repeats 1
+    .venv/bin/python bench/grpo_step.py --steps 3 --repeats 1 [--fp32-rollouts]
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def worker(run: str, steps: int, out: str, model_spec: str | None) -> None:
     for s in load_dir(ROOT / params.paths.scenarios):
         by_domain.setdefault(s.domain, s)
     scenarios = list(by_domain.values())[:4]
-    single = run.endswith("single")
-    rollout = params.rollout.model_copy(update={"max_turns": 1} if single else {})
+    single = "-single" in run
+    update = ({"max_turns": 1} if single else {}) | ({"bf16": False} if run.endswith("-fp32") else {})
+    rollout = params.rollout.model_copy(update=update)
     env = ConversationEnvironment(tokenizer, rollout)
     cfg = params.train_policy.model_copy(
         update={"steps": steps, "scenarios_per_step": len(scenarios), "checkpoint_every": 0, "seed": params.seed}
@@ -159,13 +162,15 @@ def main() -> None:
         help="the policy (default: params.yaml base_model.source; data/models/base, written by the base_model "
         "stage, loads without the GGUF's dequantisation and so shows training's own peak RSS)",
     )
+    ap.add_argument("--fp32-rollouts", action="store_true", help="also native runs with rollout.bf16: false")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], args.steps, args.worker[1], args.model)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    names = [n for n in RUNS if not args.only or n.endswith(args.only)]
+    runs = [r for n in RUNS for r in ([n, n + "-fp32"] if args.fp32_rollouts and n.startswith("native") else [n])]
+    names = [n for n in runs if not args.only or f"-{args.only}" in n]
     results: dict[str, list[dict]] = {n: [] for n in names}
     for _ in range(args.repeats):
         for name in names:
@@ -179,6 +184,10 @@ def main() -> None:
             f"{n:>13}: {step[n]:6.1f} s/step ({steps} steps)  peak RSS {peak:5.2f} GB "
             f"(model loaded: {load:4.2f})  mean reward {reward:.3f}"
         )
+    for kind in ("single", "multi"):
+        if f"native-{kind}-fp32" in step:
+            fp32 = step[f"native-{kind}-fp32"]
+            print(f"native {kind}-turn, rollouts as configured / fp32 rollouts: {step[f'native-{kind}'] / fp32:.2f}")
     ratios = [
         f"{kind}-turn {step[f'native-{kind}'] / step[f'trl-{kind}']:.2f}"
         for kind in ("single", "multi")

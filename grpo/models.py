@@ -105,9 +105,10 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def rollout_dtype(setting: bool | str, model) -> torch.dtype:
-    """The dtype ``model`` generates in under ``rollout.bf16`` (``auto``: :func:`bf16_native` on its device)."""
-    return torch.bfloat16 if use_bf16(setting, next(model.parameters()).device) else next(model.parameters()).dtype
+def rollout_dtype(setting: bool | str, device: torch.device) -> torch.dtype:
+    """The dtype rollouts generate in on ``device`` under ``rollout.bf16`` (``auto``: :func:`bf16_native`):
+    bf16, or else :func:`policy_dtype`."""
+    return torch.bfloat16 if use_bf16(setting, device) else policy_dtype(device)
 
 
 class MergedSampler:
@@ -123,13 +124,27 @@ class MergedSampler:
     def __init__(self, policy, dtype: torch.dtype = torch.bfloat16):
         from peft.tuners.lora import LoraLayer
 
-        self.model = copy.deepcopy(policy).merge_and_unload().to(dtype).eval()
+        # Built empty in ``dtype`` and filled, not deep-copied and cast: a copy of the fp32 policy would
+        # raise the process's peak memory by its size, and casting would round the rotary frequencies
+        # (a buffer that transformers keeps in fp32) to bf16.
+        base = policy.get_base_model()
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+        self.model.to_empty(device=next(policy.parameters()).device)
+        self.model.load_state_dict(
+            {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
+        )
+        for name, buffer in base.named_buffers():
+            self.model.get_buffer(name).copy_(buffer)
+        self.model.generation_config = base.generation_config
+        self.model.eval()
         prefix = "base_model.model."  # a PeftModel's modules are the base model's under this prefix
         self.pairs = [
             (layer, self.model.get_submodule(name.removeprefix(prefix)))
             for name, layer in policy.named_modules()
             if isinstance(layer, LoraLayer)
         ]
+        self.sync()
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -169,11 +184,11 @@ def prefill(model, prompts: list[list[int]], device: torch.device) -> tuple:
     return out, mask
 
 
-def load_policy(spec: str, device: str = "auto") -> tuple:
+def load_policy(spec: str, device: str = "auto", dtype: torch.dtype | None = None) -> tuple:
     """``(model, tokenizer)`` of the policy named by ``spec``, on ``device`` (see :func:`pick_device`),
-    in :func:`policy_dtype`."""
+    in ``dtype`` (default :func:`policy_dtype`)."""
     where = pick_device(device)
-    return load_causal_lm(spec, where, policy_dtype(where)), load_tokenizer(spec)
+    return load_causal_lm(spec, where, dtype or policy_dtype(where)), load_tokenizer(spec)
 
 
 def materialise(spec: str, out_dir: str | Path) -> dict:

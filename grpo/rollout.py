@@ -80,9 +80,8 @@ class Trajectory:
         return runs
 
     def check(self) -> None:
-        if len(self.input_ids) != len(self.assistant_mask) or len(self.sampled_logps or self.input_ids) != len(
-            self.input_ids
-        ):
+        logps = self.sampled_logps if self.sampled_logps is not None else self.input_ids
+        if not len(self.input_ids) == len(self.assistant_mask) == len(logps):
             raise ValueError(f"trajectory {self.scenario_id}: ids, mask and log-probs differ in length")
         if not any(self.assistant_mask):
             raise ValueError(f"trajectory {self.scenario_id}: assistant mask is all zeros")
@@ -571,12 +570,11 @@ class RolloutJob:
 
 def run_job(job: RolloutJob) -> tuple[list[Trajectory], dict]:
     """``(trajectories, generation stats)`` of one :class:`RolloutJob`; groups are numbered within the job."""
-    from grpo.models import load_policy, rollout_dtype
+    from grpo.models import load_policy, pick_device, rollout_dtype
 
     if job.threads:
         torch.set_num_threads(job.threads)
-    model, tokenizer = load_policy(job.policy, job.device)
-    model.to(rollout_dtype(job.config.bf16, model))
+    model, tokenizer = load_policy(job.policy, job.device, rollout_dtype(job.config.bf16, pick_device(job.device)))
     user = load_policy(job.user_model, job.device)[0] if job.user_model and job.config.user == "llm" else None
     torch.manual_seed(job.seed)
     env = ConversationEnvironment(tokenizer, job.config)

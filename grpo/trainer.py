@@ -168,7 +168,7 @@ def sample(
     else:  # an LLM user is the base: the policy with its adapter disabled, not the merged copy
         sampler.sync()
         trajs = env.rollout(sampler.model, scens, cfg.group_size, user_model=model, seeds=seeds, logprobs=True)
-    return [batch[g] for g in groups], trajs, dict(env.stats)
+    return scens, trajs, dict(env.stats)
 
 
 def score(trajs: list[Trajectory], batch: list[Scenario], reward_fn: Callable, cfg: GRPOConfig):
@@ -496,7 +496,7 @@ def train(
             order, history, skipped = state["order"], state["history"], state["skipped"]
             scheduler.load_state_dict(state["scheduler"])
     # rollout.bf16 where the policy is not in bf16 already: rollouts from a merged bf16 copy
-    dtype = rollout_dtype(env.config.bf16, model)
+    dtype = rollout_dtype(env.config.bf16, next(model.parameters()).device)
     sampler = MergedSampler(model, dtype) if dtype != next(model.parameters()).dtype else None
     bar = tqdm(range(first, cfg.steps), desc="GRPO", unit="step", initial=first, total=cfg.steps, disable=not main)
     for step in bar:

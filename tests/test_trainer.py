@@ -98,14 +98,23 @@ def test_bf16_rollouts_come_from_the_merged_copy_and_the_loss_corrects_for_it(to
     (re-merged at each step); the update stays as configured (fp32 here) and logs how far the
     sampler's log-probs are from its own and the mean correction weight."""
     model = tiny_causal_lm(tokenizer)
-    seen = {"rollout": set(), "update": set()}  # the hook is copied with the model into the sampler
+    seen = {"rollout": set(), "update": set()}
     model.model.layers[0].mlp.down_proj.register_forward_hook(
         lambda m, i, o: seen["update" if m.training else "rollout"].add(o.dtype)
     )
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=4, bf16=True))
+    generated_by = []
+    generate = env.generate
+
+    def spy(gen_model, *args, **kwargs):
+        generated_by.append(next(gen_model.parameters()).dtype)
+        return generate(gen_model, *args, **kwargs)
+
+    env.generate = spy
     cfg = GRPOConfig(steps=2, scenarios_per_step=2, group_size=2, beta=0.1, lora_r=4, bf16=False, learning_rate=0.05)
     peft, history = train(model, tokenizer, SCEN, last_reply_length, env, cfg)
-    assert seen == {"rollout": {torch.bfloat16}, "update": {torch.float32}}
+    assert generated_by and set(generated_by) == {torch.bfloat16}
+    assert seen == {"rollout": set(), "update": {torch.float32}}  # the trained model itself never generated
     for row in history:
         assert 0 < row["sampler_logp_diff"] < 1 and row["sampler_ratio"] > 0 and np.isfinite(row["loss"])
     assert {p.dtype for p in peft.parameters()} == {torch.float32}
