@@ -181,7 +181,7 @@ def main() -> None:
         reward = statistics.mean(x for r in rs for x in r["rewards"])
         peak, load = (max(r[k] for r in rs) / 1024 for k in ("peak_mb", "load_mb"))
         print(
-            f"{n:>13}: {step[n]:6.1f} s/step ({steps} steps)  peak RSS {peak:5.2f} GB "
+            f"{n:>18}: {step[n]:6.1f} s/step ({steps} steps)  peak RSS {peak:5.2f} GB "
             f"(model loaded: {load:4.2f})  mean reward {reward:.3f}"
         )
     for kind in ("single", "multi"):

@@ -116,10 +116,11 @@ class MergedSampler:
     :meth:`sync` merges the adapters' current weights again after an update.
 
     peft's LoRA forward adds two small matmuls per layer, and bf16 autocast casts the fp32 weights
-    at every call, so generating from the training model gains little from bf16: on this project's
-    2-core AVX512-BF16 CPU, 92 against 101 tokens/s at batch 16, while a plain bf16 model makes
-    about 165 (bench/README.md). Like TRL's vLLM colocate mode, the sampler's log-probs then differ
-    a little from the update's; the trainer corrects for that (grpo/objective.py ``sampler_ratio``)."""
+    at every call, so generating from the training model gains little from bf16 (on a 2-core
+    AVX512-BF16 CPU at batch 16: 92 tokens/s in fp32, 101 under autocast), while a plain bf16
+    model makes 1.6 to 2.1 times the fp32 tokens/s at batch 16 and 32 (bench/README.md). Like
+    TRL's vLLM colocate mode, the sampler's log-probs then differ a little from the update's; the
+    trainer corrects for that (grpo/objective.py ``sampler_ratio``)."""
 
     def __init__(self, policy, dtype: torch.dtype = torch.bfloat16):
         from peft.tuners.lora import LoraLayer

@@ -370,7 +370,7 @@ class ConversationEnvironment:
         recorder = SampledLogprobs(self.config.temperature) if logprobs else None
         sampling = {
             "do_sample": do_sample and not per_row,
-            "logits_processor": LogitsProcessorList([recorder] * logprobs + (processors or [])),
+            "logits_processor": LogitsProcessorList(([recorder] if recorder else []) + (processors or [])),
         }
         if per_row:
             sampler = RowSampler(seeds, self.config.temperature, self.config.top_p)
