@@ -20,6 +20,7 @@ worker processes, or the Dask cluster at the address. The outputs are the same a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -212,13 +213,24 @@ def summary_text(params: Params) -> str:
         if ev.get("champion_version")
         else ""
     )
+    policies = [p for p in ("base", "sft", "trained") if p in ev]  # "sft" where the warm start ran
+    label = {"base": "base", "sft": "SFT only", "trained": "trained"}
+
+    def rate(policy: str, key: str) -> str:  # nan where no episode (or no call) counts
+        return "n/a" if math.isnan(ev[policy][key]) else f"{ev[policy][key]:.0%}"
+
     return "\n".join(
         [
             "",
             "=== grpo-pipeline summary ===",
-            f"mean reward on {ev['scenarios']} held-out scenarios: base {ev['base']['reward_mean']:.3f}, "
-            f"trained {ev['trained']['reward_mean']:.3f}{champion}",
-            *(ci_line(ev, other) for other in ("base", "champion") if f"vs_{other}" in ev),
+            f"mean reward on {ev['scenarios']} held-out scenarios: "
+            + ", ".join(f"{label[p]} {ev[p]['reward_mean']:.3f}" for p in policies)
+            + champion,
+            *(ci_line(ev, other) for other in ("base", "sft", "champion") if f"vs_{other}" in ev),
+            "tool scenarios: episodes that called "
+            + ", ".join(f"{label[p]} {rate(p, 'tool_call_rate')}" for p in policies)
+            + "; calls that succeeded "
+            + ", ".join(f"{label[p]} {rate(p, 'tool_success')}" for p in policies),
             f"flagged: {'; '.join(ev['flags']) if ev['flagged'] else 'no'}; report: {metrics}/eval.md",
             f"registered: {name} version {reg['version']}, aliases {', '.join(reg['aliases'])} ({reg['reason']})",
             f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}",

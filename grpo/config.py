@@ -80,6 +80,11 @@ class SFTConfig(Config):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     max_length: int = Field(512, ge=16, description="tokens per demonstration (longer ones are cut)")
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bf16 autocast for SFT's forwards and backward (the LoRA weights and optimiser stay fp32); "
+        "auto: where the device multiplies bf16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX)",
+    )
 
 
 class GRPOConfig(Config):

@@ -262,12 +262,13 @@ def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def ci_line(result: dict, other: str) -> str:
     """``trained - base: +0.110, 95% CI [+0.030, +0.199]; judge 3W/1L/0T, 4 unjudged, same winner in
     both orders 75%`` (the last part where some pair was answered in both orders)"""
-    d, w = result[f"vs_{other}"], result["judge"][f"vs_{other}"]
+    d, w = result[f"vs_{other}"], result["judge"].get(f"vs_{other}", {})
+    line = f"trained - {other}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    if not any(w.get(k) for k in ("wins", "losses", "ties", "unjudged")):  # the judge was not asked (vs sft)
+        return line
     consistency = w.get("position_consistency", float("nan"))
-    return (
-        f"trained - {other}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]; "
-        f"judge {w['wins']}W/{w['losses']}L/{w['ties']}T, {w['unjudged']} unjudged"
-        + ("" if np.isnan(consistency) else f", same winner in both orders {consistency:.0%}")
+    return f"{line}; judge {w['wins']}W/{w['losses']}L/{w['ties']}T, {w['unjudged']} unjudged" + (
+        "" if np.isnan(consistency) else f", same winner in both orders {consistency:.0%}"
     )
 
 

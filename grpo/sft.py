@@ -29,7 +29,7 @@ import tempfile
 import torch
 
 from grpo.config import SFTConfig
-from grpo.models import lora_config
+from grpo.models import lora_config, use_bf16
 from grpo.rollout import ConversationEnvironment, Trajectory, encode
 from grpo.scenarios import Scenario
 from grpo.tools import TOOLS, call_text, call_tool, given_ids
@@ -154,7 +154,8 @@ def train_sft(model, tokenizer, demos: list[Trajectory], config: SFTConfig, seed
         args = TRLSFTConfig(
             output_dir=out,
             use_cpu=device == "cpu",
-            bf16=model.dtype == torch.bfloat16,  # grpo/models.py policy_dtype: bf16 weights on a GPU that has it
+            # accelerate's autocast (as train_policy's update), or bf16 weights already (policy_dtype on a GPU)
+            bf16=model.dtype == torch.bfloat16 or use_bf16(config.bf16, torch.device(device)),
             num_train_epochs=config.epochs,
             learning_rate=config.learning_rate,
             per_device_train_batch_size=config.batch_size,

@@ -190,35 +190,51 @@ def call_constraint(tokenizer, functions: list[dict]) -> Callable[[list[int]], l
     them: a reply that begins like a call (its text so far a prefix of ``<tool_call>``, or starting
     with it) is held to a call of one of ``functions`` in the documented format (grpo/tools.py
     CALL_FORMAT), arguments their schema accepts, then eos, so it cannot be malformed or call an
-    undeclared tool. Whether to call stays the model's choice: for any other reply, and before its
-    first token, it returns None (any token). With no ``functions``, a reply may not begin like a
-    call (:func:`no_call`)."""
+    undeclared tool. A call that opens after some text (``Sure. <tool_call>``, which grpo/tools.py
+    ``parse_call`` also runs) is held to the same from its ``<tool_call>`` on. Whether to call stays
+    the model's choice: for any other reply, and before its first token, it returns None (any
+    token). With no ``functions``, no reply may make a call (:func:`no_call`)."""
     if not functions:
         return no_call(tokenizer)
-    allowed = enforcer_for(
-        tokenizer,
-        _Sequence(
-            [StringParser(CALL_OPEN), JsonSchemaParser(call_schema(functions), PARSER_CONFIG), StringParser(CALL_CLOSE)]
-        ),
-    )
+    schema = JsonSchemaParser(call_schema(functions), PARSER_CONFIG)
+    allowed = enforcer_for(tokenizer, _Sequence([StringParser(CALL_OPEN), schema, StringParser(CALL_CLOSE)]))
     allowed([])  # the enforcer's root: every reply starts here, so each later prefix extends a known one
+
+    @functools.cache
+    def after_open(rest: str) -> Callable[[list[int]], list[int]] | None:
+        """The enforcer for a call opened after some text, whose tokens up to ``<tool_call>`` also
+        carried ``rest``; ``None`` if ``rest`` cannot begin the call's JSON."""
+        parser = _Sequence([schema, StringParser(CALL_CLOSE)])
+        for c in rest:
+            if c not in parser.get_allowed_characters():
+                return None
+            parser = parser.add_character(c)
+        return enforcer_for(tokenizer, parser)
 
     def constraint(tokens: list[int]) -> list[int] | None:
         text = tokenizer.decode(tokens)
-        if (
-            not tokens
-            or tokenizer.eos_token_id in tokens
-            or not (text.startswith(CALL_OPEN) or CALL_OPEN.startswith(text))
-        ):
+        if not tokens or tokenizer.eos_token_id in tokens:
             return None
-        return allowed(tokens)
+        if text.startswith(CALL_OPEN) or CALL_OPEN.startswith(text):
+            return allowed(tokens)
+        if CALL_OPEN not in text:
+            return None
+        # the tokens up to the one that completed <tool_call> are the root of the call's enforcer
+        k = next(k for k in range(1, len(tokens) + 1) if CALL_OPEN in tokenizer.decode(tokens[:k]))
+        head = tokenizer.decode(tokens[:k])
+        enforcer = after_open(head[head.index(CALL_OPEN) + len(CALL_OPEN) :])
+        if enforcer is None:
+            return None
+        enforcer(tokens[:k])
+        return enforcer(tokens)
 
     return constraint
 
 
 def no_call(tokenizer) -> Callable[[list[int]], list[int] | None]:
-    """A reply may not begin like a call: while its text is a prefix of ``<tool_call>`` (the empty
-    one included), the tokens that would keep it one, or complete it, are not allowed."""
+    """No reply may make a call: while its text is a prefix of ``<tool_call>`` (the empty one
+    included), the tokens that would keep it one, or complete it, are not allowed; after some
+    text, the tokens that would complete a ``<tool_call>`` are not."""
     data = enforcer_data(tokenizer)
 
     @functools.cache
@@ -230,9 +246,19 @@ def no_call(tokenizer) -> Callable[[list[int]], list[int] | None]:
         }
         return [i for i in range(data.vocab_size) if i not in barred]
 
+    @functools.cache
+    def not_completing(tail: str) -> list[int] | None:  # tail: the text's end from its last '<', or ""
+        barred = {i for i, piece, _ in data.regular_tokens if CALL_OPEN in tail + piece}
+        return [i for i in range(data.vocab_size) if i not in barred] if barred else None
+
     def constraint(tokens: list[int]) -> list[int] | None:
         text = tokenizer.decode(tokens)
-        return allowed(text) if CALL_OPEN.startswith(text) and tokenizer.eos_token_id not in tokens else None
+        if tokenizer.eos_token_id in tokens:
+            return None
+        if CALL_OPEN.startswith(text):
+            return allowed(text)
+        tail = text[text.rfind("<") :] if "<" in text else ""
+        return not_completing(tail if CALL_OPEN.startswith(tail) else "")
 
     return constraint
 

@@ -109,7 +109,7 @@ def make_project(dest: Path, model_dir: Path) -> tuple[Path, dict]:
             "train_reward.patience": 30,
             "train_reward.unfreeze_epochs": 1,
             "train_reward.min_spearman": -1.0,
-            "sft.enabled": True,  # the tests take the SFT path (off by default: README "Supervised warm start")
+            "sft.enabled": True,  # the default, set again so the tests take the SFT path whatever params.yaml says
             "sft.epochs": 1,
             "train_policy.steps": 2,
             "train_policy.scenarios_per_step": 2,

@@ -73,6 +73,8 @@ def test_flow_runs_every_stage_and_registers(flow_project):
     project, env, out = flow_project
     check_outputs(project)
     assert "grpo-pipeline summary" in out and "version 1, aliases challenger, champion" in out
+    # the warm start ran (tests/conftest.py): the summary puts the SFT policy beside base and trained
+    assert "SFT only" in out and "trained - sft: " in out and "tool scenarios: episodes that called base " in out
     client = mlflow_client(project)
     exp = client.get_experiment_by_name("grpo-agents")
     runs = client.search_runs([exp.experiment_id])
@@ -165,8 +167,8 @@ def test_chat_with_the_champion_in_the_terminal(flow_project):
 
 
 def test_dvc_repro_with_sft_off_writes_what_dvc_expects(tmp_path, tiny_model_dir):
-    """The default, sft.enabled false: the stage writes every output dvc.yaml declares (a note that it
-    was skipped), so `dvc repro` goes on, and train_policy starts from the base."""
+    """sft.enabled false: the stage writes every output dvc.yaml declares (a note that it was
+    skipped), so `dvc repro` goes on, and train_policy starts from the base."""
     project, env = make_project(tmp_path, tiny_model_dir)
     write_params(project / "params.yaml", {"sft.enabled": False}, source=project / "params.yaml")
     sh([str(BIN / "dvc"), "repro", "sft"], project, env)

@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from grpo.config import RolloutConfig, SFTConfig
 from grpo.models import tiny_causal_lm
@@ -111,7 +112,8 @@ def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_
         }
     )
     on = params.sft.model_copy(update={"enabled": True})
-    summary = tasks.sft.run(on, params.rollout, 7, "cpu", paths)
+    short = params.rollout.model_copy(update={"max_new_tokens": 32})  # the default before sft was on
+    summary = tasks.sft.run(on, short, 7, "cpu", paths)
     assert (
         seen["ids"] == ["late"] and summary["demonstrations"] == 1 and summary["scenarios_without_demonstration"] == 1
     )
@@ -119,7 +121,7 @@ def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_
     assert json.loads((tmp_path / "metrics/sft.json").read_text())["tool_demonstrations"] == 1
     assert len(pd.read_csv(tmp_path / "plots/sft.csv")) == 1
     # the call alone is 36 tokens: rollouts of 32 would cut it, and the stage says so
-    assert params.rollout.max_new_tokens == 32 and "1 of 1 demonstrations have an agent turn longer" in caplog.text
+    assert "1 of 1 demonstrations have an agent turn longer than rollout.max_new_tokens 32" in caplog.text
     assert "1 of them a tool call" in caplog.text
     # disabled: a note, and train_policy starts from the base model
     off = params.sft.model_copy(update={"enabled": False})
@@ -129,10 +131,12 @@ def test_the_stage_builds_demonstrations_from_the_train_set_only(tmp_path, tiny_
     assert paths.policy_start(off) == str(tiny_model_dir) and paths.policy_start(on) == str(tmp_path / "sft")
 
 
-def test_sft_teaches_the_call_format(tokenizer):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sft_teaches_the_call_format(tokenizer, bf16):
     """TRL's SFTTrainer on one tool demonstration, with the loss on the agent's tokens: afterwards
-    the tiny random model, greedy, opens the episode with the call (it never does before). (Its
-    weights are drawn wider than the default 0.02, or its logits are too flat for LoRA to move.)"""
+    the tiny random model, greedy, opens the episode with the call (it never does before), with
+    and without bf16 autocast, and its forwards run under autocast exactly when ``sft.bf16`` asks.
+    (Its weights are drawn wider than the default 0.02, or its logits are too flat for LoRA to move.)"""
     tiny_model = tiny_causal_lm(tokenizer, initializer_range=0.5)
     env = ConversationEnvironment(tokenizer, RolloutConfig(max_turns=2, max_new_tokens=40))
     [demo] = demonstrations(env, [ORDER])
@@ -142,8 +146,11 @@ def test_sft_teaches_the_call_format(tokenizer):
         return env.decode(env.generate(model, [prompt], do_sample=False)[0])
 
     assert parse_call(first_reply(tiny_model)) is None
-    config = SFTConfig(epochs=50, learning_rate=0.05, batch_size=1, lora_r=8, lora_alpha=16)
+    autocast = []
+    tiny_model.register_forward_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+    config = SFTConfig(epochs=50, learning_rate=0.05, batch_size=1, lora_r=8, lora_alpha=16, bf16=bf16)
     merged, history = train_sft(tiny_model, tokenizer, [demo], config, seed=0, device="cpu")
+    assert set(autocast) == {bf16}
     assert history[-1]["loss"] < history[0]["loss"] / 4
     assert parse_call(first_reply(merged)) == ("check_order_status", {"order_id": "48213"})
 
