@@ -190,26 +190,21 @@ def call_constraint(tokenizer, functions: list[dict]) -> Callable[[list[int]], l
     them: a reply that begins like a call (its text so far a prefix of ``<tool_call>``, or starting
     with it) is held to a call of one of ``functions`` in the documented format (grpo/tools.py
     CALL_FORMAT), arguments their schema accepts, then eos, so it cannot be malformed or call an
-    undeclared tool. A call that opens after some text (``Sure. <tool_call>``, which grpo/tools.py
-    ``parse_call`` also runs) is held to the same from its ``<tool_call>`` on. Whether to call stays
-    the model's choice: for any other reply, and before its first token, it returns None (any
-    token). With no ``functions``, no reply may make a call (:func:`no_call`)."""
+    undeclared tool. A call is a whole reply, as the system prompt says ("reply with only"): after
+    some text, no ``<tool_call>`` may be completed (:func:`no_call`), so a call cannot open where the
+    turn has no room left to finish it. Whether to call stays the model's choice: for any other
+    reply, and before its first token, it returns None (any token) or bars only that completion.
+    With no ``functions``, no reply may make a call (:func:`no_call`)."""
+    no_calls = no_call(tokenizer)
     if not functions:
-        return no_call(tokenizer)
-    schema = JsonSchemaParser(call_schema(functions), PARSER_CONFIG)
-    allowed = enforcer_for(tokenizer, _Sequence([StringParser(CALL_OPEN), schema, StringParser(CALL_CLOSE)]))
+        return no_calls
+    allowed = enforcer_for(
+        tokenizer,
+        _Sequence(
+            [StringParser(CALL_OPEN), JsonSchemaParser(call_schema(functions), PARSER_CONFIG), StringParser(CALL_CLOSE)]
+        ),
+    )
     allowed([])  # the enforcer's root: every reply starts here, so each later prefix extends a known one
-
-    @functools.cache
-    def after_open(rest: str) -> Callable[[list[int]], list[int]] | None:
-        """The enforcer for a call opened after some text, whose tokens up to ``<tool_call>`` also
-        carried ``rest``; ``None`` if ``rest`` cannot begin the call's JSON."""
-        parser = _Sequence([schema, StringParser(CALL_CLOSE)])
-        for c in rest:
-            if c not in parser.get_allowed_characters():
-                return None
-            parser = parser.add_character(c)
-        return enforcer_for(tokenizer, parser)
 
     def constraint(tokens: list[int]) -> list[int] | None:
         text = tokenizer.decode(tokens)
@@ -217,16 +212,7 @@ def call_constraint(tokenizer, functions: list[dict]) -> Callable[[list[int]], l
             return None
         if text.startswith(CALL_OPEN) or CALL_OPEN.startswith(text):
             return allowed(tokens)
-        if CALL_OPEN not in text:
-            return None
-        # the tokens up to the one that completed <tool_call> are the root of the call's enforcer
-        k = next(k for k in range(1, len(tokens) + 1) if CALL_OPEN in tokenizer.decode(tokens[:k]))
-        head = tokenizer.decode(tokens[:k])
-        enforcer = after_open(head[head.index(CALL_OPEN) + len(CALL_OPEN) :])
-        if enforcer is None:
-            return None
-        enforcer(tokens[:k])
-        return enforcer(tokens)
+        return no_calls(tokens)  # text that is not a call: no <tool_call> completed after it
 
     return constraint
 

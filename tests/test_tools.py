@@ -134,18 +134,14 @@ def test_a_strict_call_always_parses_to_a_declared_tool(tokenizer):
         assert all(len(v) <= MAX_ARGUMENT_CHARS + 1 for v in arguments.values()), text  # lm-format-enforcer: +1
         result, ok = call_tool(name, arguments, declared, json.loads(json.dumps(BACKEND)))
         assert ok or "no order" in result, result  # only the backend can refuse it (an unknown order id)
-    # A call that opens after some text is held to the same from its <tool_call> on, wherever the
-    # tokens that complete <tool_call> end (here in the middle of the JSON's opening, or after it).
-    for opening in ("Sure, <tool_call>", 'Sure, <tool_call>{"', "Sure.\n<tool_call>{"):
-        tokens = tokenizer.encode(opening, add_special_tokens=False)
-        while tokens[-1] != tokenizer.eos_token_id:
-            allowed = constraint(tokens)
-            assert allowed is not None, tokenizer.decode(tokens)
-            tokens.append(rng.choice(sorted(set(allowed) & ascii_tokens)))
-            assert len(tokens) < 200
-        text = tokenizer.decode(tokens[:-1])
-        assert text.startswith(opening[:5]) and text.endswith("</tool_call>"), text
-        assert parse_call(text)[0] in declared, text
+    # A call is a whole reply: after some text, no allowed token completes a <tool_call>
+    for head in ("Sure, <tool_call", "Sure, <tool", "Sure, <"):
+        tokens = tokenizer.encode(head, add_special_tokens=False)
+        for t in constraint(tokens) or range(len(tokenizer)):  # None: no token completes it, any may follow
+            assert "<tool_call>" not in tokenizer.decode([*tokens, t]), (head, tokenizer.decode([t]))
+    assert tokenizer.encode(">", add_special_tokens=False)[0] not in constraint(
+        tokenizer.encode("Sure, <tool_call", add_special_tokens=False)
+    )
     # Whether to call is the model's: free before the first token, for other replies, and after eos.
     assert constraint([]) is None
     assert constraint(tokenizer.encode("Sure, <tool", add_special_tokens=False)) is None
