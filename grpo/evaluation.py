@@ -195,8 +195,8 @@ def compare(
     judge_agreement: float = float("nan"),
 ) -> dict:
     """The evaluation result (eval.json): each policy's means, trained against each other policy
-    (``vs_<name>``: paired bootstrap CI over scenarios; ``judge[vs_<name>]``: win rate), the
-    per-domain breakdown and the reward-hacking flags. ``tables`` holds ``base`` and ``trained``,
+    (``vs_<name>``: paired bootstrap CI over scenarios; ``judge[vs_<name>]``: win rate, for base and
+    champion), the per-domain breakdown and the reward-hacking flags. ``tables`` holds ``base`` and ``trained``,
     ``sft`` (the SFT policy GRPO started from) and ``champion`` when there are such. The judge's
     win rates count in the flags only when its ``judge_agreement`` with the heuristic (label's)
     reaches ``config.min_judge_agreement``."""
@@ -261,10 +261,11 @@ def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def ci_line(result: dict, other: str) -> str:
     """``trained - base: +0.110, 95% CI [+0.030, +0.199]; judge 3W/1L/0T, 4 unjudged, same winner in
-    both orders 75%`` (the last part where some pair was answered in both orders)"""
-    d, w = result[f"vs_{other}"], result["judge"].get(f"vs_{other}", {})
+    both orders 75%`` (the judge's part where it has a verdict for the pair; the last part where some
+    pair was answered in both orders)"""
+    d, w = result[f"vs_{other}"], result["judge"].get(f"vs_{other}")
     line = f"trained - {other}: {d['mean']:+.3f}, {int(d['level'] * 100)}% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-    if not any(w.get(k) for k in ("wins", "losses", "ties", "unjudged")):  # the judge was not asked (vs sft)
+    if w is None:  # a pair the judge is not asked about (trained against SFT)
         return line
     consistency = w.get("position_consistency", float("nan"))
     return f"{line}; judge {w['wins']}W/{w['losses']}L/{w['ties']}T, {w['unjudged']} unjudged" + (

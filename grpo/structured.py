@@ -191,8 +191,8 @@ def call_constraint(tokenizer, functions: list[dict]) -> Callable[[list[int]], l
     with it) is held to a call of one of ``functions`` in the documented format (grpo/tools.py
     CALL_FORMAT), arguments their schema accepts, then eos, so it cannot be malformed or call an
     undeclared tool. A call is a whole reply, as the system prompt says ("reply with only"): after
-    some text, no ``<tool_call>`` may be completed (:func:`no_call`), so a call cannot open where the
-    turn has no room left to finish it. Whether to call stays the model's choice: for any other
+    some text, no ``<tool_call>`` may be completed (:func:`no_call`), so no call opens partway through
+    a turn (such calls ran out of the turn's tokens). Whether to call stays the model's choice: for any other
     reply, and before its first token, it returns None (any token) or bars only that completion.
     With no ``functions``, no reply may make a call (:func:`no_call`)."""
     no_calls = no_call(tokenizer)

@@ -117,10 +117,10 @@ def run(
 
     kl = policy_kl(trained, base, results[None, "trained"], tokenizer.pad_token_id, rollout.temperature)
     verdicts = {}
-    for other in [k for k in tables if k != "trained"]:
+    # the judge guards trained against the base and the champion; against SFT the reward's CI tells
+    for other in [k for k in tables if k not in ("trained", "sft")]:
         verdicts[f"vs_{other}"] = win_rate([])
-        # the judge guards trained against the base and the champion; against SFT the reward's CI tells
-        if judge.enabled and evaluate.judge_scenarios and other != "sft":
+        if judge.enabled and evaluate.judge_scenarios:
             groups, flips = pairs_to_judge(held_out, tables["trained"], tables[other], evaluate.judge_scenarios, seed)
             # each pair in both orders: the judge's preference for a position cancels out, and is measured
             both = groups + [(domain, pair[::-1]) for domain, pair in groups]

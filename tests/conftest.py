@@ -175,6 +175,7 @@ def check_outputs(project: Path) -> dict:
     assert {"empathy", "coverage", "similarity", "safety", "reward_model", "reply_words"} <= set(ev["trained"])
     assert set(ev["per_domain"]) == {"customer_service", "technical_support", "sales", "tutoring"}
     assert ev["vs_sft"]["ci_low"] <= ev["vs_sft"]["mean"] <= ev["vs_sft"]["ci_high"]
+    assert "vs_sft" not in ev["judge"]  # the judge is not asked to compare trained with SFT
     assert 0 <= ev["sft"]["tool_call_rate"] <= 1 and set(ev["per_domain_vs"]["sales"]) == {"vs_base", "vs_sft"}
     bitext = ev["extra_sets"]["bitext"]
     assert bitext["scenarios"] == 4 and bitext["excluded_training_rows"] == 0 and "similarity" in bitext["trained"]
